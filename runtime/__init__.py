@@ -1,0 +1,1 @@
+"""Torch-free Stable Diffusion runtime: onnxruntime + NumPy."""

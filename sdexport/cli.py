@@ -1,0 +1,83 @@
+"""The `sdexport` command line: parse, build a config, call the library."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from runtime.cliutil import FriendlyGroup, StageLog, debug_option
+from runtime.errors import UserError
+
+
+@click.group(cls=FriendlyGroup)
+@debug_option
+def main():
+    """Export Stable Diffusion models to ONNX folders tuned per deployment target."""
+
+
+@main.command()
+@click.option("--model", required=True, help="Alias (sd-v1-5, ...), a local diffusers folder, or 'tiny'.")
+@click.option("--target", default="cpu", show_default=True, help="Target profile: cpu, cuda, tensorrt, directml.")
+@click.option("--profile", "profile_file", type=click.Path(dir_okay=False), help="Use this profile file instead of --target.")
+@click.option("--shapes", help="Shape ranges, e.g. 512x512@1,768x768@1-4 (overrides the profile's).")
+@click.option("--out", required=True, type=click.Path(file_okay=True), help="Output folder (must not exist).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only after the new export succeeded).")
+@click.option("--no-verify", is_flag=True, help="Skip the comparison against PyTorch.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@debug_option
+def convert(model, target, profile_file, shapes, out, force, no_verify, quiet):
+    """Export, optimise and verify MODEL for one target into --out."""
+    from .convert import ConvertConfig, convert as run
+    from .profiles import load_profile, parse_shapes_option, with_shapes
+
+    profile = load_profile(profile_file or target)
+    if shapes:
+        profile = with_shapes(profile, parse_shapes_option(shapes))
+    report = run(ConvertConfig(model, profile, Path(out), force=force, verify=not no_verify), StageLog(quiet))
+    _print_checks(report.checks)
+    click.echo(f"wrote {out} (target {profile.name})")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--model", required=True, help="The source model the folder was exported from.")
+@debug_option
+def verify(folder, model):
+    """Re-run the PyTorch comparison on an exported FOLDER."""
+    from .convert import verify_folder
+
+    checks = verify_folder(Path(folder), model, StageLog())
+    _print_checks(checks)
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        raise UserError(f"{len(bad)} check(s) over tolerance: " + ", ".join(f"{c.component} {c.shape}" for c in bad))
+    click.echo("all graphs match PyTorch")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@debug_option
+def info(folder):
+    """Print an exported FOLDER's manifest in human form."""
+    from runtime.info import describe_folder
+
+    click.echo(describe_folder(Path(folder)))
+
+
+@main.command()
+@click.argument("name", required=False)
+@debug_option
+def profiles(name):
+    """List the target profiles, or show one in full."""
+    from .profiles import describe, load_profile, profile_names
+
+    for n in [name] if name else profile_names():
+        click.echo(describe(load_profile(n)))
+
+
+def _print_checks(checks) -> None:
+    """The verification table: component, shape, max abs error, limit."""
+    if checks:
+        click.echo(f"{'component':<14}{'shape':<14}{'max abs err':>12}{'limit':>12}  result")
+    for c in checks:
+        click.echo(f"{c.component:<14}{c.shape:<14}{c.max_abs:>12.2e}{c.limit:>12.2e}  {'ok' if c.ok else 'FAIL'}")

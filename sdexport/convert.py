@@ -1,0 +1,153 @@
+"""`sdexport convert`: load, export every component, optimise for the target, verify, write one folder."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from runtime.atomic import check_writable_parent, staged_dir
+from runtime.errors import UserError
+from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, read_manifest
+
+from . import __version__
+from .export import export_component, sample_inputs
+from .profiles import Profile
+from .sources import Components, load_components, resolve
+from .specs import SD_COMPONENTS, dims, manifest_shape
+from .verify import Check, verify_graph, verify_shapes
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """What one convert does."""
+    model: str
+    profile: Profile
+    out: Path
+    force: bool = False
+    verify: bool = True
+
+
+@dataclass
+class ConvertReport:
+    """What a convert produced and how well it matched PyTorch."""
+    out: Path
+    checks: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """All checks within tolerance."""
+        return all(c.ok for c in self.checks)
+
+
+def _no_progress(_: str) -> None:
+    """Default progress callback: silent."""
+
+
+def convert(cfg: ConvertConfig, progress: Progress = _no_progress) -> ConvertReport:
+    """Run the whole export into a staging folder that becomes cfg.out only when everything passed."""
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise UserError(f"{out} already exists (use --force to replace it)")
+    check_writable_parent(out)
+    progress("loading model")
+    components = load_components(resolve(cfg.model))
+    with staged_dir(out, replace_existing=cfg.force) as tmp:
+        report = ConvertReport(out)
+        graphs = {}
+        for spec in SD_COMPONENTS:
+            progress(f"exporting {spec.name}")
+            graphs[spec.name] = _export_one(spec, components, tmp, cfg.profile)
+            if cfg.verify:
+                progress(f"verifying {spec.name}")
+                report.checks += verify_graph(spec, _module(spec, components), tmp / spec.name / "model.onnx",
+                                              components.configs)
+        failed = [c for c in report.checks if not c.ok]
+        if failed:
+            raise UserError("verification failed: " + "; ".join(
+                f"{c.component} {c.shape} max abs error {c.max_abs:.3g} > {c.limit:.3g}" for c in failed))
+        _copy_side_files(components, tmp)
+        write_manifest(tmp, components, cfg.profile, graphs, report.checks)
+    return report
+
+
+def _module(spec, components: Components):
+    """The loaded torch module a spec wraps."""
+    return getattr(components, spec.module)
+
+
+def _export_one(spec, components: Components, folder: Path, profile: Profile) -> dict:
+    """Export one component and describe it for the manifest."""
+    d = dims(components.configs, *verify_shapes(components.configs)[0], sequence=77)
+    dest = folder / spec.name
+    export_component(spec, _module(spec, components), sample_inputs(spec, d), dest, profile.opset)
+    config_name = "vae" if spec.module == "vae" else spec.module
+    shutil.copyfile(components.source.folder / config_name / "config.json", dest / "config.json")
+    data = dest / "model.onnx_data"
+    return {
+        "file": f"{spec.name}/model.onnx", "data_file": f"{spec.name}/model.onnx_data" if data.exists() else None,
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": manifest_shape(t, d)} for t in spec.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": manifest_shape(t, d)} for t in spec.outputs],
+        "precision": "fp32", "provider": profile.provider, "custom_ops": [],
+    }
+
+
+def _copy_side_files(components: Components, folder: Path) -> None:
+    """tokenizer/, scheduler/ and an Optimum-style model_index.json."""
+    src = components.source.folder
+    shutil.copytree(src / "tokenizer", folder / "tokenizer")
+    (folder / "scheduler").mkdir()
+    shutil.copyfile(src / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+    index = dict(components.model_index)
+    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+        if optional in index:
+            index[optional] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def tool_versions() -> dict:
+    """Versions of the libraries that shaped the export."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"sdexport": __version__}
+    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_manifest(folder: Path, components: Components, profile: Profile, graphs: dict, checks: list) -> None:
+    """sdexport.json: source, target, profile, shapes, graphs, hashes of every file, versions."""
+    files = {p.relative_to(folder).as_posix(): file_record(p)
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+    manifest = {
+        "format_version": FORMAT_VERSION, "sdexport_version": __version__,
+        "source": components.source.to_dict(), "target": profile.name, "precision": profile.precision,
+        "profile": {"name": profile.name, "file": profile.source, "hash": profile.hash},
+        "shape_ranges": {axis: r.as_list() for axis, r in profile.shapes.items()},
+        "graphs": graphs, "files": files, "session": profile.session, "provider_options": profile.provider_options,
+        "tool_versions": tool_versions(), "verification": {"checks": [c.to_dict() for c in checks]},
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    read_manifest(folder)   # what we write must validate
+
+
+def verify_folder(folder: Path, model: str, progress: Progress = _no_progress) -> list[Check]:
+    """`sdexport verify`: re-run the PyTorch comparison on an existing export."""
+    manifest = read_manifest(Path(folder))
+    if manifest is None:
+        raise UserError(f"{folder}: no {MANIFEST_NAME}; not a folder written by sdexport convert")
+    progress("loading model")
+    components = load_components(resolve(model))
+    checks = []
+    for spec in SD_COMPONENTS:
+        if spec.name in manifest.graphs:
+            progress(f"verifying {spec.name}")
+            checks += verify_graph(spec, _module(spec, components), Path(folder) / manifest.graphs[spec.name].file,
+                                   components.configs)
+    return checks

@@ -1,0 +1,186 @@
+"""Target profiles: data files under profiles/, loaded into frozen dataclasses and validated."""
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from runtime.errors import UserError
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PRECISIONS = ("fp32", "fp16")
+LEVELS = ("disabled", "basic", "extended", "all")
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+AXES = ("batch", "height", "width")
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """An axis's [min, opt, max]."""
+    min: int
+    opt: int
+    max: int
+
+    def as_list(self) -> list:
+        """The [min, opt, max] list the manifest stores."""
+        return [self.min, self.opt, self.max]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything target-specific about an export, as data."""
+    name: str
+    description: str
+    provider: str
+    opset: int
+    precision: str
+    shapes: dict                      # axis -> ShapeRange
+    fusions: dict                     # FusionOptions attribute -> bool; "enabled" switches the optimizer
+    session: dict
+    provider_options: dict
+    graph_optimization_level: str = "all"
+    keep_fp32: tuple = ()             # components left fully fp32 on an fp16 target
+    fp32_ops: tuple = ()              # op types kept fp32 inside fp16 graphs
+    quantize_unet: bool = False
+    io_binding: bool = False
+    cuda_graph: bool = False
+    free_dimension_overrides: bool = False
+    fallback_providers: tuple = ()
+    source: str = ""
+    hash: str = field(default="", compare=False)
+
+    def component_precision(self, component: str) -> str:
+        """The precision one component is exported in."""
+        return "fp32" if component in self.keep_fp32 else self.precision
+
+    @property
+    def fusion_enabled(self) -> bool:
+        """Whether the onnxruntime transformers optimizer runs at all."""
+        return bool(self.fusions.get("enabled", False))
+
+
+_SCALARS = {
+    "name": str, "description": str, "provider": str, "opset": int, "precision": str,
+    "graph_optimization_level": str, "quantize_unet": bool, "io_binding": bool, "cuda_graph": bool,
+    "free_dimension_overrides": bool,
+}
+_LISTS = ("keep_fp32", "fp32_ops", "fallback_providers")
+_TABLES = ("shapes", "fusions", "session", "provider_options")
+
+
+def profile_names() -> list[str]:
+    """Names of the profiles shipped with the project."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A shipped profile by name, or a user's own profile file by path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml" or not path.exists():
+        path = PROFILE_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise UserError(f"unknown target or profile {name_or_path!r}; known: {', '.join(profile_names())} "
+                            "(or pass --profile path/to/file.toml)")
+    raw = path.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"{path}: not a valid TOML profile ({e})") from None
+    profile = profile_from_dict(data, where=str(path))
+    return replace(profile, source=str(path), hash=hashlib.sha256(raw).hexdigest())
+
+
+def profile_from_dict(data: dict, where: str = "profile") -> Profile:
+    """Validate a parsed profile and build the Profile."""
+    unknown = set(data) - set(_SCALARS) - set(_LISTS) - set(_TABLES)
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key in ("name", "description", "provider", "opset", "precision", "shapes"):
+        if key not in data:
+            raise UserError(f"{where}: missing required key {key!r}")
+    for key, typ in _SCALARS.items():
+        if key in data and not isinstance(data[key], typ):
+            raise UserError(f"{where}: {key} must be a {typ.__name__}, got {data[key]!r}")
+    if data["precision"] not in PRECISIONS:
+        raise UserError(f"{where}: precision must be one of {PRECISIONS}, got {data['precision']!r}")
+    if data.get("graph_optimization_level", "all") not in LEVELS:
+        raise UserError(f"{where}: graph_optimization_level must be one of {LEVELS}")
+    bad = set(data.get("keep_fp32", ())) - set(COMPONENTS)
+    if bad:
+        raise UserError(f"{where}: keep_fp32 names unknown component(s) {sorted(bad)}; known: {COMPONENTS}")
+    _check_fusions(data.get("fusions", {}), where)
+    fields = {k: data[k] for k in _SCALARS if k in data}
+    fields |= {k: tuple(data.get(k, ())) for k in _LISTS}
+    fields |= {k: dict(data.get(k, {})) for k in _TABLES}
+    fields["shapes"] = parse_shape_table(data["shapes"], where)
+    return Profile(**fields)
+
+
+def _check_fusions(fusions: dict, where: str) -> None:
+    """Fusion keys must be FusionOptions attributes with boolean values."""
+    for key, value in fusions.items():
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: fusions.{key} must be true or false")
+        if key != "enabled" and not (key.startswith("enable_") or key.startswith("use_")):
+            raise UserError(f"{where}: fusions.{key} is not a fusion switch")
+
+
+def parse_shape_table(table: dict, where: str) -> dict:
+    """Validate {axis: [min, opt, max]}; height and width must be multiples of 8."""
+    if set(table) != set(AXES):
+        raise UserError(f"{where}: shapes must define exactly {', '.join(AXES)}")
+    out = {}
+    for axis in AXES:
+        rng = table[axis]
+        if (not isinstance(rng, list) or len(rng) != 3 or not all(isinstance(v, int) and v > 0 for v in rng)
+                or not rng[0] <= rng[1] <= rng[2]):
+            raise UserError(f"{where}: shapes.{axis} must be [min, opt, max] positive integers, got {rng!r}")
+        if axis != "batch" and any(v % 8 for v in rng):
+            raise UserError(f"{where}: shapes.{axis} values must be multiples of 8, got {rng!r}")
+        out[axis] = ShapeRange(*rng)
+    return out
+
+
+_SHAPE_ITEM = re.compile(r"^(\d+)x(\d+)@(\d+)(?:-(\d+))?$")
+
+
+def parse_shapes_option(text: str) -> dict:
+    """`512x512@1,768x768@1-4` -> shape ranges covering every entry; the first entry is the optimum."""
+    entries = []
+    for item in text.split(","):
+        m = _SHAPE_ITEM.match(item.strip())
+        if not m:
+            raise UserError(f"--shapes: {item.strip()!r} is not WIDTHxHEIGHT@BATCH or WIDTHxHEIGHT@MIN-MAX")
+        w, h, b0 = int(m[1]), int(m[2]), int(m[3])
+        entries.append((w, h, b0, int(m[4]) if m[4] else b0))
+    w0, h0, b0, _ = entries[0]
+    table = {
+        "width": [min(e[0] for e in entries), w0, max(e[0] for e in entries)],
+        "height": [min(e[1] for e in entries), h0, max(e[1] for e in entries)],
+        "batch": [min(e[2] for e in entries), b0, max(e[3] for e in entries)],
+    }
+    return parse_shape_table(table, "--shapes")
+
+
+def with_shapes(profile: Profile, shapes: dict) -> Profile:
+    """The profile with its shape ranges replaced (e.g. by --shapes)."""
+    return replace(profile, shapes=shapes)
+
+
+def describe(profile: Profile) -> str:
+    """A human-readable multi-line summary of a profile."""
+    lines = [f"{profile.name}: {profile.description}", f"  file        {profile.source}",
+             f"  provider    {profile.provider}" + (f" (fallback {', '.join(profile.fallback_providers)})"
+                                                    if profile.fallback_providers else ""),
+             f"  precision   {profile.precision}" + (f", fp32 kept for {', '.join(profile.keep_fp32)}"
+                                                    if profile.keep_fp32 else ""),
+             f"  opset       {profile.opset}", f"  optimise    {profile.graph_optimization_level}"
+             + (", fusions: " + ", ".join(k for k, v in profile.fusions.items() if v and k != "enabled")
+                if profile.fusion_enabled else ", fusions off")]
+    for axis, r in profile.shapes.items():
+        lines.append(f"  {axis:<11} min {r.min}, opt {r.opt}, max {r.max}")
+    if profile.quantize_unet:
+        lines.append("  unet        int8 dynamic quantisation")
+    return "\n".join(lines)
