@@ -78,6 +78,8 @@ def profiles(name):
 def _print_checks(checks) -> None:
     """The verification table: component, shape, max abs error, limit."""
     if checks:
-        click.echo(f"{'component':<14}{'shape':<14}{'max abs err':>12}{'limit':>12}  result")
+        click.echo(f"{'component':<14}{'stage':<11}{'shape':<12}{'max abs err':>12}{'limit':>12}{'PSNR dB':>9}  result")
     for c in checks:
-        click.echo(f"{c.component:<14}{c.shape:<14}{c.max_abs:>12.2e}{c.limit:>12.2e}  {'ok' if c.ok else 'FAIL'}")
+        p = f"{c.psnr_db:9.1f}" if c.psnr_db is not None and c.psnr_db != float("inf") else f"{'inf':>9}"
+        click.echo(f"{c.component:<14}{c.stage:<11}{c.shape:<12}{c.max_abs:>12.2e}{c.limit:>12.2e}{p}  "
+                   f"{'ok' if c.ok else 'FAIL'}")

@@ -16,7 +16,8 @@ from .export import export_component, sample_inputs
 from .profiles import Profile
 from .sources import Components, load_components, resolve
 from .specs import SD_COMPONENTS, dims, manifest_shape
-from .verify import Check, verify_graph, verify_shapes
+from .optimize import optimize_component
+from .verify import Check, check_structure, verify_graph, verify_shapes
 
 Progress = Callable[[str], None]
 
@@ -61,17 +62,33 @@ def convert(cfg: ConvertConfig, progress: Progress = _no_progress) -> ConvertRep
         for spec in SD_COMPONENTS:
             progress(f"exporting {spec.name}")
             graphs[spec.name] = _export_one(spec, components, tmp, cfg.profile)
-            if cfg.verify:
-                progress(f"verifying {spec.name}")
-                report.checks += verify_graph(spec, _module(spec, components), tmp / spec.name / "model.onnx",
-                                              components.configs)
+            report.checks += _verify(spec, components, tmp, cfg, "traced", progress)
+            progress(f"optimising {spec.name} for {cfg.profile.name}")
+            graphs[spec.name] |= optimize_component(tmp / spec.name / "model.onnx", spec, cfg.profile)
+            report.checks += _verify(spec, components, tmp, cfg, "optimised", progress)
         failed = [c for c in report.checks if not c.ok]
         if failed:
             raise UserError("verification failed: " + "; ".join(
-                f"{c.component} {c.shape} max abs error {c.max_abs:.3g} > {c.limit:.3g}" for c in failed))
+                f"{c.component} {c.shape} ({c.stage}) max abs error {c.max_abs:.3g} > {c.limit:.3g}"
+                + (f", PSNR {c.psnr_db} dB < {c.min_psnr_db}" if c.min_psnr_db else "") for c in failed))
         _copy_side_files(components, tmp)
         write_manifest(tmp, components, cfg.profile, graphs, report.checks)
     return report
+
+
+def _verify(spec, components: Components, folder: Path, cfg: ConvertConfig, stage: str, progress) -> list:
+    """Compare a graph to PyTorch on the CPU; graphs that need GPU kernels get structural checks instead."""
+    if not cfg.verify:
+        return []
+    progress(f"verifying {spec.name} ({stage})")
+    graph = folder / spec.name / "model.onnx"
+    fp16 = cfg.profile.component_precision(spec.name) == "fp16"
+    checks = verify_graph(spec, _module(spec, components), graph, components.configs, stage=stage, fp16=fp16)
+    if stage == "optimised":
+        problems = check_structure(graph, fp16)
+        if problems:
+            raise UserError("optimised graph failed structural checks: " + "; ".join(problems))
+    return checks
 
 
 def _module(spec, components: Components):

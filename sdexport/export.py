@@ -17,22 +17,27 @@ def wrapper(spec: ComponentSpec, module):
     """A torch.nn.Module whose forward takes the spec's inputs and returns its outputs as a tuple."""
     import torch
 
-    class TextEncoder(torch.nn.Module):
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = module                  # a submodule, so its weights export as initializers
+
+    class TextEncoder(Wrapper):
         def forward(self, input_ids):
-            out = module(input_ids, return_dict=True)
+            out = self.m(input_ids, return_dict=True)
             return out.last_hidden_state, out.pooler_output
 
-    class UNet(torch.nn.Module):
+    class UNet(Wrapper):
         def forward(self, sample, timestep, encoder_hidden_states):
-            return (module(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
+            return (self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
 
-    class VaeEncoder(torch.nn.Module):
+    class VaeEncoder(Wrapper):
         def forward(self, sample):
-            return (module.encode(sample).latent_dist.parameters,)
+            return (self.m.encode(sample).latent_dist.parameters,)
 
-    class VaeDecoder(torch.nn.Module):
+    class VaeDecoder(Wrapper):
         def forward(self, latent_sample):
-            return (module.decode(latent_sample, return_dict=False)[0],)
+            return (self.m.decode(latent_sample, return_dict=False)[0],)
 
     classes = {"text_encoder": TextEncoder, "unet": UNet, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder}
     return classes[spec.name]().eval()

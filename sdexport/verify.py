@@ -18,11 +18,18 @@ class Check:
     max_abs: float
     limit: float
     finite: bool
+    stage: str = "traced"       # traced (raw export) | optimised (the graph that ships)
+    psnr_db: float | None = None
+    min_psnr_db: float | None = None   # fp16 graphs are judged by PSNR instead of max abs
 
     @property
     def ok(self) -> bool:
         """Within tolerance and free of NaN/Inf."""
-        return self.finite and self.max_abs <= self.limit
+        if not self.finite:
+            return False
+        if self.min_psnr_db is not None:
+            return self.psnr_db is not None and bool(self.psnr_db >= self.min_psnr_db)
+        return self.max_abs <= self.limit
 
     def to_dict(self) -> dict:
         """JSON form for the manifest."""
@@ -39,7 +46,18 @@ def verify_shapes(configs: dict) -> list[tuple[int, int, int]]:
     return [(2, native, native), (1, small, small + step)]
 
 
-def compare(spec: ComponentSpec, module, session, d: dict, seed: int = 0) -> Check:
+FP16_MIN_PSNR_DB = 35.0
+
+
+def psnr(expected: np.ndarray, got: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB, peak = the reference's value range."""
+    mse = float(np.mean((expected.astype(np.float64) - got) ** 2))
+    peak = float(expected.max() - expected.min()) or 1.0
+    return float("inf") if mse == 0 else float(10 * np.log10(peak * peak / mse))
+
+
+def compare(spec: ComponentSpec, module, session, d: dict, seed: int = 0, stage: str = "traced",
+            fp16: bool = False) -> Check:
     """Run torch and onnxruntime on the same sample inputs; max abs error over all outputs."""
     import torch
 
@@ -48,26 +66,64 @@ def compare(spec: ComponentSpec, module, session, d: dict, seed: int = 0) -> Che
         expected = [t.numpy() for t in wrapper(spec, module)(*inputs.values())]
     feeds = {k: v.numpy() for k, v in inputs.items()}
     got = session.run([t.name for t in spec.outputs], feeds)
-    err, limit, finite = 0.0, 0.0, True
+    err, limit, finite, worst = 0.0, 0.0, True, float("inf")
     for e, g in zip(expected, got):
         g = g.astype(np.float32)
         finite &= bool(np.isfinite(g).all())
         err = max(err, float(np.abs(e - g).max()))
         limit = max(limit, spec.atol + spec.rtol * float(np.abs(e).max()))
+        worst = min(worst, psnr(e, g)) if finite else worst
     shape = f"{d['batch']}x{d['height']}x{d['width']}" if spec.name != "text_encoder" else f"{d['batch']}x{d['sequence']}"
-    return Check(spec.name, shape, err, limit, finite)
+    return Check(spec.name, shape, err, limit, finite, stage, worst if finite else None,
+                 FP16_MIN_PSNR_DB if fp16 else None)
 
 
-def verify_graph(spec: ComponentSpec, module, graph: Path, configs: dict, sequence: int = 77) -> list[Check]:
-    """Check one exported graph at every verification shape on the CPU provider."""
+def cpu_session(graph: Path):
+    """A CPU session for the graph, or None when it needs kernels the CPU provider lacks."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types
+        if "NOT_IMPLEMENTED" in str(e):
+            return None
+        raise
+
+
+def verify_graph(spec: ComponentSpec, module, graph: Path, configs: dict, sequence: int = 77,
+                 stage: str = "traced", fp16: bool = False) -> list[Check]:
+    """Check one exported graph at every verification shape on the CPU provider ([] if it cannot run there)."""
+    session = cpu_session(graph)
+    if session is None:
+        return []
     shapes = verify_shapes(configs)
     if spec.name == "text_encoder":
         shapes = [(2, 0, 0), (1, 0, 0)]
-    return [compare(spec, module, session, dims(configs, b, h, w, sequence), seed=i)
+    return [compare(spec, module, session, dims(configs, b, h, w, sequence), seed=i, stage=stage, fp16=fp16)
             for i, (b, h, w) in enumerate(shapes)]
+
+
+def check_structure(graph: Path, fp16: bool) -> list[str]:
+    """Problems with a graph that cannot be run here: checker, shape inference, I/O and weight dtypes."""
+    import onnx
+    from onnx import TensorProto
+
+    problems = []
+    model = onnx.load(str(graph), load_external_data=False)
+    try:
+        onnx.checker.check_model(str(graph))
+        onnx.shape_inference.infer_shapes_path(str(graph), str(graph) + ".inferred")
+    except Exception as e:  # onnx raises several types; each is a structural failure
+        problems.append(f"{graph.parent.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    finally:
+        Path(str(graph) + ".inferred").unlink(missing_ok=True)
+    io = list(model.graph.input) + list(model.graph.output)
+    bad_io = [t.name for t in io if t.type.tensor_type.elem_type == TensorProto.FLOAT16]
+    if bad_io:
+        problems.append(f"{graph.parent.name}: fp16 graph I/O {bad_io} (expected fp32 I/O)")
+    if fp16 and not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
+        problems.append(f"{graph.parent.name}: no fp16 weights in an fp16 graph")
+    return problems

@@ -1,0 +1,155 @@
+"""The `runtime` command line: parse, build the request, call the pipeline. Torch-free."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from .cliutil import FriendlyGroup, debug_option
+from .errors import UserError
+
+A1111_SAMPLERS = {"euler-a": "Euler a", "euler": "Euler", "heun": "Heun", "lms": "LMS", "ddim": "DDIM",
+                  "pndm": "PLMS", "dpm++2m": "DPM++ 2M", "dpm++2m-karras": "DPM++ 2M Karras",
+                  "dpm++2m-sde": "DPM++ 2M SDE", "unipc": "UniPC", "ddpm": "DDPM", "lcm": "LCM"}
+
+
+@click.group(cls=FriendlyGroup)
+@debug_option
+def main():
+    """Generate images from exported Stable Diffusion folders with onnxruntime (no PyTorch)."""
+
+
+def _parse_seed(text: str | None, count: int):
+    """`42` -> 42 (one generator for the batch), `1,2,3` -> per-image seeds, none -> a random seed."""
+    if text is None:
+        return int.from_bytes(os.urandom(4), "little")
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seed must be an integer or a comma-separated list of integers, got {text!r}") from None
+    if len(seeds) == 1:
+        return seeds[0]
+    if len(seeds) != count:
+        raise UserError(f"--seed lists {len(seeds)} seeds for {count} images; give one per image or a single seed")
+    return seeds
+
+
+def _load_latents(path: str | None):
+    """--latents FILE.npy."""
+    if path is None:
+        return None
+    import numpy as np
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--latents {path}: cannot read a .npy array ({e})") from None
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(), help="An exported model folder.")
+@click.option("--prompt", required=True, help="What to draw.")
+@click.option("--negative-prompt", default=None, help="What to avoid.")
+@click.option("--steps", default=25, show_default=True, type=int, help="Denoising steps.")
+@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option("--seed", default=None, help="Integer seed (torch-compatible noise) or one per image: 1,2,3.")
+@click.option("--generator", "gen_kind", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True,
+              help="Noise source: bit-exact with torch's CPU generator, or NumPy's.")
+@click.option("--scheduler", default=None, help="Scheduler name (see `runtime schedulers`); default: the folder's.")
+@click.option("--width", type=int, default=None, help="Image width (multiple of 8).")
+@click.option("--height", type=int, default=None, help="Image height (multiple of 8).")
+@click.option("--batch", default=1, show_default=True, type=int, help="Images per prompt.")
+@click.option("--init-image", type=click.Path(), default=None, help="img2img / inpainting source image.")
+@click.option("--strength", type=float, default=None, help="img2img strength in [0, 1] (default 0.8; 1.0 with --mask).")
+@click.option("--mask", type=click.Path(), default=None, help="Inpainting mask (white = repaint).")
+@click.option("--latents", type=click.Path(), default=None, help="Initial latents as .npy (N, 4, H/8, W/8).")
+@click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, tensorrt or directml.")
+@click.option("--threads", default=0, type=int, help="Intra-op threads (0 = onnxruntime default).")
+@click.option("--no-verify", is_flag=True, help="Skip the SHA-256 check of the graph files.")
+@click.option("--out", required=True, type=click.Path(), help="Output .png (several get -1, -2 ...) or .npy.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@debug_option
+def generate(model, prompt, negative_prompt, steps, guidance, seed, gen_kind, scheduler, width, height, batch,
+             init_image, strength, mask, latents, provider, threads, no_verify, out, quiet):
+    """Generate images from a prompt (txt2img, img2img with --init-image, inpainting with --mask)."""
+    from .atomic import check_writable_parent
+    from .images import open_image
+    from .pipeline import StableDiffusionPipeline
+    from .randn import make_generator
+
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".npy"):
+        raise UserError(f"--out must end in .png or .npy, got {out.name!r}")
+    check_writable_parent(out)
+    for name, value in (("--width", width), ("--height", height)):
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"{name} must be a positive multiple of 8, got {value}")
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    image = open_image(init_image, "--init-image") if init_image else None
+    mask_image = open_image(mask, "--mask") if mask else None
+    if mask_image is not None and image is not None and mask_image.size != image.size:
+        raise UserError(f"--mask is {mask_image.size[0]}x{mask_image.size[1]} but --init-image is "
+                        f"{image.size[0]}x{image.size[1]}; they must be the same size")
+    if strength is None:
+        strength = 1.0 if mask_image is not None or image is None else 0.8
+    seed_value = _parse_seed(seed, batch)
+    pipe = StableDiffusionPipeline.from_pretrained(model, provider=provider, threads=threads, verify=not no_verify)
+    gen = make_generator(seed_value, batch=batch if isinstance(seed_value, list) else None, kind=gen_kind)
+    result = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
+                  guidance_scale=guidance, num_images_per_prompt=batch, generator=gen, latents=_load_latents(latents),
+                  image=image, mask_image=mask_image, strength=strength, scheduler=scheduler, output_type="np",
+                  callback=None if quiet else _progress_bar(steps))
+    _write(out, result.images, pipe, prompt, negative_prompt, steps, scheduler, guidance, seed_value, model)
+
+
+def _progress_bar(steps: int):
+    """A tqdm bar on stderr driven by the pipeline's step callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc="denoising", unit="step", leave=False)
+
+    def callback(step, total, t, latents):
+        bar.total = total
+        bar.update(1)
+        if step == total:
+            bar.close()
+    return callback
+
+
+def _write(out: Path, images, pipe, prompt, negative, steps, scheduler, guidance, seed, model) -> None:
+    """Write .npy, or PNGs with AUTOMATIC1111-style parameters."""
+    from .images import a1111_parameters, output_paths, save_npy, save_png, to_uint8
+
+    if out.suffix.lower() == ".npy":
+        save_npy(out, images)
+        click.echo(f"wrote {out} {tuple(images.shape)}")
+        return
+    name = scheduler or pipe.model.facts.scheduler_config.get("_class_name", "")
+    paths = output_paths(out, len(images))
+    for i, (path, img) in enumerate(zip(paths, to_uint8(images))):
+        s = seed[i] if isinstance(seed, list) else seed
+        params = a1111_parameters(prompt, negative or "", steps, A1111_SAMPLERS.get(name, name), guidance, s,
+                                  img.shape[1], img.shape[0], Path(model).name)
+        save_png(path, img, params)
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@debug_option
+def info(folder):
+    """Describe an exported model FOLDER."""
+    from .info import describe_folder
+
+    click.echo(describe_folder(Path(folder)))
+
+
+@main.command()
+@debug_option
+def schedulers():
+    """List the scheduler names --scheduler accepts."""
+    from .schedulers import describe, scheduler_names
+
+    for name in scheduler_names():
+        click.echo(f"{name:<16} {describe(name)}")

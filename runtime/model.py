@@ -1,0 +1,121 @@
+"""Loading an exported folder (ours, or one written by Optimum's exporter) into lazily built graphs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelFolderError
+from .manifest import Manifest, check_files, read_manifest
+from .session import Graph, SessionConfig, choose_providers, make_session
+from .tokenizer import ClipTokenizer
+
+GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+REQUIRED = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the pipeline needs to know, read from the folder's own config files."""
+    scaling_factor: float
+    vae_scale_factor: int
+    unet_in_channels: int
+    latent_channels: int
+    sample_size: int                 # latent cells; default image size = sample_size * vae_scale_factor
+    scheduler_config: dict
+
+    @property
+    def default_size(self) -> int:
+        """Default image height/width in pixels."""
+        return self.sample_size * self.vae_scale_factor
+
+
+def _read_json(path: Path) -> dict:
+    """A config file, or a one-line error naming it."""
+    if not path.is_file():
+        raise ModelFolderError(f"{path.parent.parent}: missing {path.parent.name}/{path.name}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_facts(folder: Path) -> ModelFacts:
+    """Scaling factor, latent geometry and scheduler settings from the component configs."""
+    vae = _read_json(folder / "vae_decoder" / "config.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    return ModelFacts(
+        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        unet_in_channels=int(unet["in_channels"]), latent_channels=int(vae.get("latent_channels", 4)),
+        sample_size=int(unet.get("sample_size", 64)),
+        scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"))
+
+
+@dataclass
+class Model:
+    """An opened model folder: manifest, facts, tokenizer, and graphs built on first use."""
+    folder: Path
+    manifest: Manifest | None
+    facts: ModelFacts
+    tokenizer: ClipTokenizer
+    session_config: SessionConfig
+    _graphs: dict = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        """The target the folder was built for ('unknown' for folders without a manifest)."""
+        return self.manifest.target if self.manifest else "unknown"
+
+    def has(self, name: str) -> bool:
+        """Whether the folder contains a graph."""
+        return (self.folder / name / "model.onnx").is_file()
+
+    def graph(self, name: str) -> Graph:
+        """The session for one graph, created on first use."""
+        if name not in self._graphs:
+            if not self.has(name):
+                raise ModelFolderError(f"{self.folder}: no {name}/model.onnx (needed for this request)")
+            info = self.manifest.graphs.get(name) if self.manifest else None
+            session = make_session(self.folder / name / "model.onnx", self.session_config, info, self.target)
+            self._graphs[name] = Graph(session, name)
+        return self._graphs[name]
+
+    def check_shape(self, batch: int, height: int, width: int) -> None:
+        """Refuse sizes outside the exported ranges (folders without a manifest: any multiple of 8)."""
+        if self.manifest:
+            self.manifest.check_shape(batch, height, width)
+
+
+def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: bool = True) -> Model:
+    """Open a folder: validate the manifest and file hashes, read configs, prepare sessions."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: no such model folder")
+    manifest = read_manifest(folder)
+    for name in REQUIRED:
+        if not (folder / name / "model.onnx").is_file():
+            raise ModelFolderError(f"{folder}: missing {name}/model.onnx (not an exported Stable Diffusion folder?)")
+    if manifest is not None:
+        check_files(folder, manifest, hashes=verify)
+    target_provider = next(iter(manifest.graphs.values())).provider if manifest else "CPUExecutionProvider"
+    session = manifest.session if manifest else {}
+    options = {target_provider: _resolve_paths(manifest.provider_options, folder)} if manifest else {}
+    cfg = SessionConfig(
+        providers=choose_providers(provider, target_provider, tuple(session.get("fallback_providers", ()))),
+        provider_options=options, threads=threads or int(session.get("intra_op_num_threads", 0)),
+        level=session.get("graph_optimization_level", "basic" if manifest else "all"),
+        execution_mode=session.get("execution_mode", "sequential"),
+        inter_op_threads=int(session.get("inter_op_num_threads", 1)),
+        enable_mem_pattern=bool(session.get("enable_mem_pattern", True)))
+    try:
+        tokenizer = ClipTokenizer.from_folder(folder / "tokenizer")
+    except ValueError as e:
+        raise ModelFolderError(str(e)) from None
+    return Model(folder, manifest, read_facts(folder), tokenizer, cfg)
+
+
+def _resolve_paths(options: dict, folder: Path) -> dict:
+    """Provider options ending in `_path` are relative to the model folder."""
+    return {k: str(folder / v) if k.endswith("_path") and not Path(str(v)).is_absolute() else v
+            for k, v in options.items()}

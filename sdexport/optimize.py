@@ -1,0 +1,161 @@
+"""Per-target graph passes: onnxruntime transformer fusions, fp16 conversion, int8 quantisation, pre-optimisation.
+
+What runs is decided by the profile's data (fusions table, precision, keep_fp32, fp32_ops, quantize_unet,
+graph_optimization_level); nothing here branches on the target's name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from .export import DATA_FILE, load_model, save_model
+from .profiles import Profile
+from .specs import ComponentSpec
+
+MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def fusion_options(spec: ComponentSpec, profile: Profile):
+    """FusionOptions for this component with the profile's switches applied."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    opts = FusionOptions(MODEL_TYPES[spec.name])
+    for key, value in profile.fusions.items():
+        if key != "enabled" and hasattr(opts, key):
+            setattr(opts, key, value)
+    return opts
+
+
+def fuse(path: Path, spec: ComponentSpec, profile: Profile):
+    """Run onnxruntime's transformers optimizer with the profile's fusion set; returns the OnnxModel."""
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with _no_progress_bars():
+        return optimize_model(str(path), model_type=MODEL_TYPES[spec.name], num_heads=0, hidden_size=0,
+                              opt_level=0, optimization_options=fusion_options(spec, profile),
+                              use_gpu=profile.provider != "CPUExecutionProvider")
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Silence the UNet optimizer's tqdm bar (drawn whenever tqdm is importable); restored afterwards."""
+    import sys
+
+    from onnxruntime.transformers import onnx_model_unet  # noqa: F401  (also imported under its bare name)
+
+    modules = [m for n, m in list(sys.modules.items()) if n.split(".")[-1] == "onnx_model_unet"]
+    originals = [m.is_installed for m in modules]
+    for m, original in zip(modules, originals):
+        m.is_installed = lambda name, _o=original: False if name == "tqdm" else _o(name)
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, originals):
+            m.is_installed = original
+
+
+def optimize_component(path: Path, spec: ComponentSpec, profile: Profile) -> dict:
+    """Apply the profile's passes to dest/model.onnx in place; returns what the manifest records."""
+    precision = profile.component_precision(spec.name)
+    if profile.fusion_enabled or precision == "fp16":
+        model = fuse(path, spec, profile) if profile.fusion_enabled else _wrap(path)
+        if precision == "fp16":
+            model.convert_float_to_float16(keep_io_types=True, op_block_list=list(profile.fp32_ops))
+            model.topological_sort()
+        _replace(path, model.model)
+    if profile.quantize_unet and spec.name == "unet":
+        quantize_int8(path)
+    if profile.graph_optimization_level != "disabled" and profile.provider == "CPUExecutionProvider":
+        preoptimize(path, profile.graph_optimization_level)
+    return {"precision": "int8" if profile.quantize_unet and spec.name == "unet" else precision,
+            "custom_ops": custom_ops(path)}
+
+
+def _wrap(path: Path):
+    """An OnnxModel around the graph, for passes without fusion."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    return OnnxModel(load_model(path))
+
+
+def _declare_domains(model) -> None:
+    """Add the opset imports for contrib-op domains the passes introduced (onnx.checker requires them)."""
+    import onnx
+
+    declared = {o.domain for o in model.opset_import}
+    for domain in sorted({n.domain for n in model.graph.node} - declared - set(STANDARD_DOMAINS)):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+
+
+def _replace(path: Path, model) -> None:
+    """Write a processed ModelProto over dest/model.onnx (and its data file)."""
+    _declare_domains(model)
+    tmp = path.with_name("model.opt.onnx")
+    save_model(model, tmp)
+    data = path.parent / DATA_FILE
+    if not (tmp.parent / DATA_FILE).exists() and data.exists():
+        data.unlink()
+    os.replace(tmp, path)
+
+
+def quantize_int8(path: Path) -> None:
+    """Dynamic int8 quantisation of MatMul/Gemm weights (activations quantised at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = path.with_name("model.int8.onnx")
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     use_external_data_format=(path.parent / DATA_FILE).exists(),
+                     extra_options={"MatMulConstBOnly": True})
+    for f in path.parent.glob(f"{DATA_FILE}*"):
+        f.unlink()
+    model = load_model(out)
+    out.unlink()
+    for f in path.parent.iterdir():
+        if f.name not in ("model.onnx", "config.json") and f.is_file():
+            f.unlink()
+    save_model(model, path)
+
+
+def preoptimize(path: Path, level: str) -> None:
+    """Save onnxruntime's own graph optimisations (up to `level`) so deployment sessions start fast."""
+    import onnxruntime as ort
+
+    from runtime.session import LEVELS
+
+    tmp_dir = path.parent / ".preopt"
+    tmp_dir.mkdir(exist_ok=True)
+    try:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = LEVELS[level]
+        opts.optimized_model_filepath = str(tmp_dir / "model.onnx")
+        opts.log_severity_level = 3
+        if (path.parent / DATA_FILE).exists():
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for f in tmp_dir.iterdir():
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def custom_ops(path: Path) -> list[str]:
+    """Operators outside the standard ONNX domain, as `domain.Op`, e.g. `com.microsoft.GroupNorm`."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+
+
+def op_counts(path: Path) -> Counter:
+    """How many nodes of each op type a graph has."""
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
