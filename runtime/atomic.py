@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -9,10 +10,22 @@ from pathlib import Path
 
 from .errors import UserError
 
+DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def _disk_full(e: BaseException, dest: Path, existed: bool, what: str) -> UserError | None:
+    """A one-line error for a full disk (or exceeded quota), else None."""
+    if not isinstance(e, OSError) or e.errno not in DISK_FULL:
+        return None
+    kept = f"the existing {what} was kept" if existed else "nothing was written"
+    return UserError(f"disk full while writing {dest} ({e.strerror or 'no space left on device'}); {kept}")
+
 
 def check_writable_parent(dest: Path) -> None:
     """Fail early, in one line, if `dest` cannot be created."""
     parent = Path(dest).resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"cannot write {dest}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise UserError(f"cannot write {dest}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -26,12 +39,18 @@ def staged_dir(dest: Path, replace_existing: bool = False):
     if dest.exists() and not replace_existing:
         raise UserError(f"{dest} already exists (use --force to replace it)")
     check_writable_parent(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.resolve().parent))
+    existed = dest.exists()
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.resolve().parent))
         yield tmp
         _swap_in(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(e, dest, existed, "folder")
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -55,15 +74,23 @@ def _swap_in(tmp: Path, dest: Path) -> None:
 def atomic_file(dest: Path, mode: str = "wb"):
     """Yield a file object on a temporary sibling; it replaces `dest` only when the block succeeds."""
     dest = Path(dest)
+    if dest.is_dir():
+        raise UserError(f"cannot write {dest}: it is a folder")
     check_writable_parent(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.resolve().parent)
+    existed = dest.exists()
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.resolve().parent)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        full = _disk_full(e, dest, existed, "file")
+        if full is not None:
+            raise full from None
         raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import click
@@ -33,6 +34,18 @@ def _parse_seed(text: str | None, count: int):
     if len(seeds) != count:
         raise UserError(f"--seed lists {len(seeds)} seeds for {count} images; give one per image or a single seed")
     return seeds
+
+
+def _valid_text(text: str | None, flag: str) -> str | None:
+    """Text safe to encode as UTF-8: bytes that were not valid UTF-8 in argv (lone surrogates) become U+FFFD."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        click.echo(f"warning: {flag} is not valid UTF-8; the undecodable bytes were replaced by U+FFFD", err=True)
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _load_latents(path: str | None):
@@ -80,7 +93,10 @@ def generate(model, prompt, negative_prompt, steps, guidance, seed, gen_kind, sc
     out = Path(out)
     if out.suffix.lower() not in (".png", ".npy"):
         raise UserError(f"--out must end in .png or .npy, got {out.name!r}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name ending in .png or .npy")
     check_writable_parent(out)
+    prompt, negative_prompt = _valid_text(prompt, "--prompt"), _valid_text(negative_prompt, "--negative-prompt")
     for name, value in (("--width", width), ("--height", height)):
         if value is not None and (value <= 0 or value % 8):
             raise UserError(f"{name} must be a positive multiple of 8, got {value}")
@@ -96,10 +112,18 @@ def generate(model, prompt, negative_prompt, steps, guidance, seed, gen_kind, sc
     seed_value = _parse_seed(seed, batch)
     pipe = StableDiffusionPipeline.from_pretrained(model, provider=provider, threads=threads, verify=not no_verify)
     gen = make_generator(seed_value, batch=batch if isinstance(seed_value, list) else None, kind=gen_kind)
-    result = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
-                  guidance_scale=guidance, num_images_per_prompt=batch, generator=gen, latents=_load_latents(latents),
-                  image=image, mask_image=mask_image, strength=strength, scheduler=scheduler, output_type="np",
-                  callback=None if quiet else _progress_bar(steps))
+    with warnings.catch_warnings(record=True) as caught:   # e.g. prompt truncation: one "warning:" line each
+        warnings.simplefilter("always", UserWarning)
+        try:
+            result = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
+                          num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
+                          generator=gen, latents=_load_latents(latents), image=image, mask_image=mask_image,
+                          strength=strength, scheduler=scheduler, output_type="np",
+                          callback=None if quiet else _progress_bar(steps))
+        finally:
+            for w in caught:
+                click.echo(f"warning: {str(w.message).splitlines()[0] if str(w.message) else w.category.__name__}",
+                           err=True)
     _write(out, result.images, pipe, prompt, negative_prompt, steps, scheduler, guidance, seed_value, model)
 
 

@@ -1,7 +1,6 @@
 """What both CLIs share: one-line errors, Ctrl-C handling, stage progress on stderr."""
 from __future__ import annotations
 
-import sys
 import time
 import traceback
 
@@ -10,6 +9,7 @@ import click
 from .errors import UserError
 
 EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPT = 2, 1, 130
+DEBUG_KEY = "runtime.debug"
 
 
 class FriendlyGroup(click.Group):
@@ -17,7 +17,6 @@ class FriendlyGroup(click.Group):
 
     def invoke(self, ctx):
         """Run the command; map errors to exit codes."""
-        debug = "--debug" in sys.argv[1:]
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -29,16 +28,23 @@ class FriendlyGroup(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(EXIT_USER)
         except Exception as e:
-            if debug:
+            if ctx.meta.get(DEBUG_KEY):
                 traceback.print_exc()
             first = str(e).splitlines()[0] if str(e) else ""
             click.echo(f"error: {type(e).__name__}: {first} (run with --debug for the traceback)", err=True)
             ctx.exit(EXIT_INTERNAL)
 
 
+def _set_debug(ctx, param, value):
+    """Record --debug in the context chain's shared meta (also right when run in-process, not from sys.argv)."""
+    if value:
+        ctx.meta[DEBUG_KEY] = True
+    return value
+
+
 def debug_option(f):
     """--debug: show tracebacks (read by FriendlyGroup)."""
-    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
                         help="Show the full traceback on errors.")(f)
 
 

@@ -105,15 +105,35 @@ def _require(d: dict, keys: tuple, where: str) -> None:
             raise ModelFolderError(f"manifest: {where} is missing {k!r}")
 
 
+_TYPES = {"format_version": int, "target": str, "precision": str, "shape_ranges": dict, "graphs": dict,
+          "files": dict, "source": dict, "profile": dict, "session": dict, "provider_options": dict,
+          "tool_versions": dict, "verification": dict, "sdexport_version": str}
+
+
 def manifest_from_dict(d: dict) -> Manifest:
-    """Validate a parsed sdexport.json and build the Manifest."""
+    """Validate a parsed sdexport.json and build the Manifest; any malformed value is a ModelFolderError."""
     _require(d, ("format_version", "target", "precision", "shape_ranges", "graphs", "files"), "sdexport.json")
     if d["format_version"] != FORMAT_VERSION:
         raise ModelFolderError(
             f"manifest format version {d['format_version']!r} is not supported (this runtime reads "
             f"version {FORMAT_VERSION}); re-export the model with a matching sdexport")
+    for key, typ in _TYPES.items():
+        if key in d and (not isinstance(d[key], typ) or isinstance(d[key], bool)):
+            raise ModelFolderError(f"manifest: {key} must be a JSON {typ.__name__}, got {type(d[key]).__name__}")
+    try:
+        return _build(d)
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
+        raise ModelFolderError(f"manifest: malformed entry ({type(e).__name__}: {e}); re-export the model") from None
+
+
+def _build(d: dict) -> Manifest:
+    """The Manifest from a dict whose top-level types are checked."""
+    for rec in d["files"].values():
+        if not isinstance(rec, dict) or not isinstance(rec.get("size"), int) or not isinstance(rec.get("sha256"), str):
+            raise ModelFolderError("manifest: every files entry needs an integer size and a sha256 string")
     for axis, rng in d["shape_ranges"].items():
-        if len(rng) != 3 or not rng[0] <= rng[1] <= rng[2]:
+        if not isinstance(rng, list) or len(rng) != 3 or not all(isinstance(v, int) for v in rng) \
+                or not rng[0] <= rng[1] <= rng[2]:
             raise ModelFolderError(f"manifest: shape range {axis!r} must be [min, opt, max], got {rng!r}")
     graphs = {name: GraphInfo.from_dict(name, g) for name, g in d["graphs"].items()}
     known = set(Manifest.__dataclass_fields__)

@@ -10,8 +10,9 @@ from .manifest import Manifest, check_files, read_manifest
 from .session import Graph, SessionConfig, choose_providers, make_session
 from .tokenizer import ClipTokenizer
 
-GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
-REQUIRED = ("text_encoder", "unet", "vae_decoder")
+GRAPHS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+REQUIRED = ("unet", "vae_decoder")
+TOKENIZERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class ModelFacts:
     latent_channels: int
     sample_size: int                 # latent cells; default image size = sample_size * vae_scale_factor
     scheduler_config: dict
+    force_zeros_for_empty_prompt: bool = False   # SDXL: no negative prompt -> zero negative conditioning
 
     @property
     def default_size(self) -> int:
@@ -44,12 +46,14 @@ def read_facts(folder: Path) -> ModelFacts:
     """Scaling factor, latent geometry and scheduler settings from the component configs."""
     vae = _read_json(folder / "vae_decoder" / "config.json")
     unet = _read_json(folder / "unet" / "config.json")
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     return ModelFacts(
         scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
         unet_in_channels=int(unet["in_channels"]), latent_channels=int(vae.get("latent_channels", 4)),
         sample_size=int(unet.get("sample_size", 64)),
-        scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"))
+        scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Model:
     folder: Path
     manifest: Manifest | None
     facts: ModelFacts
-    tokenizer: ClipTokenizer
+    tokenizers: dict                 # "tokenizer" / "tokenizer_2" -> ClipTokenizer
     session_config: SessionConfig
     _graphs: dict = field(default_factory=dict)
 
@@ -93,7 +97,8 @@ def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: b
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: no such model folder")
     manifest = read_manifest(folder)
-    for name in REQUIRED:
+    encoders = [(e, t) for e, t in TOKENIZERS if (folder / e / "model.onnx").is_file()]
+    for name in REQUIRED + (() if encoders else ("text_encoder",)):
         if not (folder / name / "model.onnx").is_file():
             raise ModelFolderError(f"{folder}: missing {name}/model.onnx (not an exported Stable Diffusion folder?)")
     if manifest is not None:
@@ -109,10 +114,10 @@ def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: b
         inter_op_threads=int(session.get("inter_op_num_threads", 1)),
         enable_mem_pattern=bool(session.get("enable_mem_pattern", True)))
     try:
-        tokenizer = ClipTokenizer.from_folder(folder / "tokenizer")
+        tokenizers = {t: ClipTokenizer.from_folder(folder / t) for _, t in encoders}
     except ValueError as e:
         raise ModelFolderError(str(e)) from None
-    return Model(folder, manifest, read_facts(folder), tokenizer, cfg)
+    return Model(folder, manifest, read_facts(folder), tokenizers, cfg)
 
 
 def _resolve_paths(options: dict, folder: Path) -> dict:

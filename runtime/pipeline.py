@@ -13,10 +13,11 @@ from typing import Callable
 import numpy as np
 
 from . import images as imgs
+from .conditioning import Conditioning, encode, uses_guidance
 from .errors import UserError
 from .model import Model, open_model
 from .randn import BatchGenerator, make_generator
-from .schedulers import from_config
+from .schedulers import Scheduler, from_config
 
 StepCallback = Callable[[int, int, float, np.ndarray], None]   # (step, total, timestep, latents)
 
@@ -28,13 +29,9 @@ class PipelineOutput:
     seeds: list | None = None
 
 
-def _as_list(x, n: int | None = None) -> list:
-    """A prompt or list of prompts as a list (repeated to n when a single string)."""
-    if x is None:
-        return [""] * (n or 1)
-    if isinstance(x, str):
-        return [x] * (n or 1)
-    return list(x)
+def _as_list(x) -> list:
+    """A prompt or list of prompts as a list."""
+    return [x] if isinstance(x, str) else list(x or [])
 
 
 class StableDiffusionPipeline:
@@ -49,22 +46,12 @@ class StableDiffusionPipeline:
         return cls(open_model(Path(folder), provider=provider, threads=threads, verify=verify))
 
     # -- pieces ---------------------------------------------------------------------
-    def encode_prompt(self, prompts: list, negatives: list | None, per_prompt: int) -> np.ndarray:
-        """Text embeddings (2B or B, S, D): negative first when guidance is on."""
-        def embed(texts):
-            ids = self.model.tokenizer(texts)
-            return self.model.graph("text_encoder")(input_ids=ids)["last_hidden_state"]
-        cond = np.repeat(embed(prompts), per_prompt, axis=0)                  # (B, S, D)
-        if negatives is None:
-            return cond
-        return np.concatenate([np.repeat(embed(negatives), per_prompt, axis=0), cond])   # (2B, S, D)
-
-    def unet(self, latents: np.ndarray, t: float, embeds: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
+    def unet(self, latents: np.ndarray, t: float, cond: Conditioning, channels: np.ndarray | None) -> np.ndarray:
         """One UNet call; the timestep is shaped as the graph declares it (rank 0 or per batch)."""
         g = self.model.graph("unet")
-        x = latents if extra is None else np.concatenate([latents, extra], axis=1)
+        x = latents if channels is None else np.concatenate([latents, channels], axis=1)
         ts = np.float32(t) if g.input_rank("timestep") == 0 else np.full((x.shape[0],), t, dtype=np.float32)
-        return g(sample=x, timestep=ts, encoder_hidden_states=embeds)["out_sample"]
+        return g(sample=x, timestep=ts, encoder_hidden_states=cond.embeds, **cond.extra)["out_sample"]
 
     def encode_image(self, pixels: np.ndarray, gen, batch: int) -> np.ndarray:
         """VAE-encode (1, 3, H, W) pixels and sample scaled latents (batch, 4, h, w) from the generator."""
@@ -92,9 +79,12 @@ class StableDiffusionPipeline:
     def __call__(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
                  generator=None, seed=None, latents: np.ndarray | None = None, image=None, mask_image=None,
-                 strength: float = 1.0, scheduler: str | None = None, output_type: str = "pil",
+                 strength: float = 1.0, scheduler=None, output_type: str = "pil",
                  callback: StepCallback | None = None) -> PipelineOutput:
-        """Generate images; `image` switches to img2img, `image` + `mask_image` to inpainting."""
+        """Generate images; `image` switches to img2img, `image` + `mask_image` to inpainting.
+
+        `scheduler` is a name (see runtime.schedulers.scheduler_names), a Scheduler, or None for the folder's own.
+        """
         prompts = _as_list(prompt)
         total = len(prompts) * num_images_per_prompt
         height, width = self._size(height, width, image)
@@ -102,18 +92,16 @@ class StableDiffusionPipeline:
         self.model.check_shape(total, height, width)
         gen = generator or make_generator(0 if seed is None else seed, batch=total if isinstance(seed, list) else None)
         try:
-            sched = from_config(self.model.facts.scheduler_config, scheduler)
+            sched = scheduler if isinstance(scheduler, Scheduler) else from_config(
+                self.model.facts.scheduler_config, scheduler)
             plan = sched.plan(num_inference_steps)
         except ValueError as e:
             raise UserError(str(e)) from None
         start = sched.img2img_start(plan, strength) if image is not None else 0
         if start >= len(plan.timesteps):
             raise UserError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step")
-        cfg = guidance_scale > 1.0
-        negatives = _as_list(negative_prompt, len(prompts)) if cfg else None
-        if negatives is not None and len(negatives) != len(prompts):
-            raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        embeds = self.encode_prompt(prompts, negatives, num_images_per_prompt)
+        cfg = uses_guidance(self.model, guidance_scale)
+        cond = encode(self.model, prompts, negative_prompt, num_images_per_prompt, height, width, guidance_scale)
         f = self.model.facts.vae_scale_factor
         shape = (total, self.model.facts.latent_channels, height // f, width // f)
         state = _Prepared.build(self, sched, plan, start, gen, shape, latents, image, mask_image, width, height)
@@ -124,7 +112,7 @@ class StableDiffusionPipeline:
             t = float(plan.timesteps[i])
             x_in = sched.scale_model_input(plan, i, np.concatenate([x, x]) if cfg else x)
             extra = state.unet_extra(cfg)
-            eps = self.unet(x_in, t, embeds, extra)
+            eps = self.unet(x_in, t, cond, extra)
             if cfg:
                 uncond, text = np.split(eps, 2)
                 eps = uncond + guidance_scale * (text - uncond)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from runtime.cli import info as runtime_info
 from runtime.cliutil import FriendlyGroup, StageLog, debug_option
 from runtime.errors import UserError
 
@@ -23,9 +24,11 @@ def main():
 @click.option("--out", required=True, type=click.Path(file_okay=True), help="Output folder (must not exist).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only after the new export succeeded).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison against PyTorch.")
+@click.option("--vae", type=click.Path(), help="Use this VAE instead (a vae folder, or a pipeline folder with vae/).")
+@click.option("--text-encoder", type=click.Path(), help="Use this text encoder instead (folder, as --vae).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @debug_option
-def convert(model, target, profile_file, shapes, out, force, no_verify, quiet):
+def convert(model, target, profile_file, shapes, out, force, no_verify, vae, text_encoder, quiet):
     """Export, optimise and verify MODEL for one target into --out."""
     from .convert import ConvertConfig, convert as run
     from .profiles import load_profile, parse_shapes_option, with_shapes
@@ -33,7 +36,9 @@ def convert(model, target, profile_file, shapes, out, force, no_verify, quiet):
     profile = load_profile(profile_file or target)
     if shapes:
         profile = with_shapes(profile, parse_shapes_option(shapes))
-    report = run(ConvertConfig(model, profile, Path(out), force=force, verify=not no_verify), StageLog(quiet))
+    overrides = {"vae": vae, "text_encoder": text_encoder}
+    report = run(ConvertConfig(model, profile, Path(out), force=force, verify=not no_verify, overrides=overrides),
+                 StageLog(quiet))
     _print_checks(report.checks)
     click.echo(f"wrote {out} (target {profile.name})")
 
@@ -41,12 +46,14 @@ def convert(model, target, profile_file, shapes, out, force, no_verify, quiet):
 @main.command()
 @click.argument("folder", type=click.Path())
 @click.option("--model", required=True, help="The source model the folder was exported from.")
+@click.option("--vae", type=click.Path(), help="The VAE override used at convert time.")
+@click.option("--text-encoder", type=click.Path(), help="The text encoder override used at convert time.")
 @debug_option
-def verify(folder, model):
+def verify(folder, model, vae, text_encoder):
     """Re-run the PyTorch comparison on an exported FOLDER."""
     from .convert import verify_folder
 
-    checks = verify_folder(Path(folder), model, StageLog())
+    checks = verify_folder(Path(folder), model, StageLog(), {"vae": vae, "text_encoder": text_encoder})
     _print_checks(checks)
     bad = [c for c in checks if not c.ok]
     if bad:
@@ -54,14 +61,7 @@ def verify(folder, model):
     click.echo("all graphs match PyTorch")
 
 
-@main.command()
-@click.argument("folder", type=click.Path())
-@debug_option
-def info(folder):
-    """Print an exported FOLDER's manifest in human form."""
-    from runtime.info import describe_folder
-
-    click.echo(describe_folder(Path(folder)))
+main.add_command(runtime_info, "info")   # one `info` for both CLIs: the manifest in human form
 
 
 @main.command()
@@ -78,8 +78,8 @@ def profiles(name):
 def _print_checks(checks) -> None:
     """The verification table: component, shape, max abs error, limit."""
     if checks:
-        click.echo(f"{'component':<14}{'stage':<11}{'shape':<12}{'max abs err':>12}{'limit':>12}{'PSNR dB':>9}  result")
+        click.echo(f"{'component':<16}{'stage':<11}{'shape':<12}{'max abs err':>12}{'limit':>12}{'PSNR dB':>9}  result")
     for c in checks:
         p = f"{c.psnr_db:9.1f}" if c.psnr_db is not None and c.psnr_db != float("inf") else f"{'inf':>9}"
-        click.echo(f"{c.component:<14}{c.stage:<11}{c.shape:<12}{c.max_abs:>12.2e}{c.limit:>12.2e}{p}  "
+        click.echo(f"{c.component:<16}{c.stage:<11}{c.shape:<12}{c.max_abs:>12.2e}{c.limit:>12.2e}{p}  "
                    f"{'ok' if c.ok else 'FAIL'}")

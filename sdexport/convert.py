@@ -14,8 +14,8 @@ from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, read_ma
 from . import __version__
 from .export import export_component, sample_inputs
 from .profiles import Profile
-from .sources import Components, load_components, resolve
-from .specs import SD_COMPONENTS, dims, manifest_shape
+from .sources import Components, load_components, present, resolve
+from .specs import component_specs, dims, manifest_shape
 from .optimize import optimize_component
 from .verify import Check, check_structure, verify_graph, verify_shapes
 
@@ -30,6 +30,7 @@ class ConvertConfig:
     out: Path
     force: bool = False
     verify: bool = True
+    overrides: dict = field(default_factory=dict)    # component -> folder (--vae, --text-encoder)
 
 
 @dataclass
@@ -55,11 +56,11 @@ def convert(cfg: ConvertConfig, progress: Progress = _no_progress) -> ConvertRep
         raise UserError(f"{out} already exists (use --force to replace it)")
     check_writable_parent(out)
     progress("loading model")
-    components = load_components(resolve(cfg.model))
+    components = load_components(resolve(cfg.model), cfg.overrides)
     with staged_dir(out, replace_existing=cfg.force) as tmp:
         report = ConvertReport(out)
         graphs = {}
-        for spec in SD_COMPONENTS:
+        for spec in component_specs(components.configs):
             progress(f"exporting {spec.name}")
             graphs[spec.name] = _export_one(spec, components, tmp, cfg.profile)
             report.checks += _verify(spec, components, tmp, cfg, "traced", progress)
@@ -101,8 +102,7 @@ def _export_one(spec, components: Components, folder: Path, profile: Profile) ->
     d = dims(components.configs, *verify_shapes(components.configs)[0], sequence=77)
     dest = folder / spec.name
     export_component(spec, _module(spec, components), sample_inputs(spec, d), dest, profile.opset)
-    config_name = "vae" if spec.module == "vae" else spec.module
-    shutil.copyfile(components.source.folder / config_name / "config.json", dest / "config.json")
+    (dest / "config.json").write_text(json.dumps(components.configs[spec.module], indent=2))
     data = dest / "model.onnx_data"
     return {
         "file": f"{spec.name}/model.onnx", "data_file": f"{spec.name}/model.onnx_data" if data.exists() else None,
@@ -115,7 +115,9 @@ def _export_one(spec, components: Components, folder: Path, profile: Profile) ->
 def _copy_side_files(components: Components, folder: Path) -> None:
     """tokenizer/, scheduler/ and an Optimum-style model_index.json."""
     src = components.source.folder
-    shutil.copytree(src / "tokenizer", folder / "tokenizer")
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        if (src / tokenizer).is_dir() and present(components.model_index, tokenizer):
+            shutil.copytree(src / tokenizer, folder / tokenizer)
     (folder / "scheduler").mkdir()
     shutil.copyfile(src / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
     index = dict(components.model_index)
@@ -144,25 +146,29 @@ def write_manifest(folder: Path, components: Components, profile: Profile, graph
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
     manifest = {
         "format_version": FORMAT_VERSION, "sdexport_version": __version__,
-        "source": components.source.to_dict(), "target": profile.name, "precision": profile.precision,
+        "source": components.source.to_dict() | {"overrides": components.overrides}, "target": profile.name, "precision": profile.precision,
         "profile": {"name": profile.name, "file": profile.source, "hash": profile.hash},
         "shape_ranges": {axis: r.as_list() for axis, r in profile.shapes.items()},
-        "graphs": graphs, "files": files, "session": profile.session, "provider_options": profile.provider_options,
+        "graphs": graphs, "files": files,
+        "session": profile.session | {"fallback_providers": list(profile.fallback_providers),
+                                      "io_binding": profile.io_binding,
+                                      "free_dimension_overrides": profile.free_dimension_overrides}, "provider_options": profile.provider_options,
         "tool_versions": tool_versions(), "verification": {"checks": [c.to_dict() for c in checks]},
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     read_manifest(folder)   # what we write must validate
 
 
-def verify_folder(folder: Path, model: str, progress: Progress = _no_progress) -> list[Check]:
+def verify_folder(folder: Path, model: str, progress: Progress = _no_progress, overrides: dict | None = None
+                  ) -> list[Check]:
     """`sdexport verify`: re-run the PyTorch comparison on an existing export."""
     manifest = read_manifest(Path(folder))
     if manifest is None:
         raise UserError(f"{folder}: no {MANIFEST_NAME}; not a folder written by sdexport convert")
     progress("loading model")
-    components = load_components(resolve(model))
+    components = load_components(resolve(model), overrides)
     checks = []
-    for spec in SD_COMPONENTS:
+    for spec in component_specs(components.configs):
         if spec.name in manifest.graphs:
             progress(f"verifying {spec.name}")
             checks += verify_graph(spec, _module(spec, components), Path(folder) / manifest.graphs[spec.name].file,

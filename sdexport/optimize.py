@@ -15,7 +15,7 @@ from .export import DATA_FILE, load_model, save_model
 from .profiles import Profile
 from .specs import ComponentSpec
 
-MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -27,6 +27,10 @@ def fusion_options(spec: ComponentSpec, profile: Profile):
     for key, value in profile.fusions.items():
         if key != "enabled" and hasattr(opts, key):
             setattr(opts, key, value)
+    if MODEL_TYPES[spec.name] == "unet" and not profile.fusions.get("use_multi_head_attention", True):
+        # onnxruntime's UNet attention fusion ignores use_multi_head_attention and always emits
+        # MultiHeadAttention for cross-attention; leaving attention unfused is the only way to honour false.
+        opts.enable_attention = False
     return opts
 
 
@@ -107,12 +111,15 @@ def _replace(path: Path, model) -> None:
 
 def quantize_int8(path: Path) -> None:
     """Dynamic int8 quantisation of MatMul/Gemm weights (activations quantised at run time)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = path.with_name("model.int8.onnx")
+    # DefaultTensorType: shape inference cannot type the outputs of fused contrib ops (Attention, ...) in an
+    # fp32 graph; without it quantize_dynamic fails on any fused UNet.
     quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                      use_external_data_format=(path.parent / DATA_FILE).exists(),
-                     extra_options={"MatMulConstBOnly": True})
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     for f in path.parent.glob(f"{DATA_FILE}*"):
         f.unlink()
     model = load_model(out)

@@ -118,13 +118,21 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     return Profile(**fields)
 
 
+def _fusion_switches() -> set:
+    """The boolean attributes of onnxruntime's FusionOptions (a misspelt switch would be silently ignored)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    return {k for k, v in vars(FusionOptions("unet")).items() if isinstance(v, bool)}
+
+
 def _check_fusions(fusions: dict, where: str) -> None:
     """Fusion keys must be FusionOptions attributes with boolean values."""
+    switches = _fusion_switches() if set(fusions) - {"enabled"} else set()
     for key, value in fusions.items():
         if not isinstance(value, bool):
             raise UserError(f"{where}: fusions.{key} must be true or false")
-        if key != "enabled" and not (key.startswith("enable_") or key.startswith("use_")):
-            raise UserError(f"{where}: fusions.{key} is not a fusion switch")
+        if key != "enabled" and key not in switches:
+            raise UserError(f"{where}: fusions.{key} is not a fusion switch (known: {', '.join(sorted(switches))})")
 
 
 def parse_shape_table(table: dict, where: str) -> dict:

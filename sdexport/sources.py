@@ -8,14 +8,15 @@ from pathlib import Path
 from runtime.errors import UserError
 
 ALIASES_FILE = Path(__file__).parent / "data" / "aliases.json"
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+REQUIRED = ("unet", "vae", "scheduler")
+TEXT_PAIRS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
 
 @dataclass(frozen=True)
 class Source:
     """Where a model came from, as recorded in the manifest."""
     spec: str
-    kind: str                 # "tiny" | "alias" | "folder"
+    kind: str                 # "tiny" | "alias" | "folder" | "single_file"
     folder: Path
     repo_id: str | None = None
 
@@ -29,11 +30,13 @@ class Components:
     """The loaded PyTorch modules and config files of one pipeline."""
     source: Source
     model_index: dict
-    text_encoder: object
+    text_encoder: object | None
     unet: object
     vae: object
     scheduler_config: dict
     configs: dict = field(default_factory=dict)   # component folder -> its config.json dict
+    text_encoder_2: object | None = None
+    overrides: dict = field(default_factory=dict)  # component -> folder it was replaced from
 
 
 def aliases() -> dict:
@@ -43,19 +46,26 @@ def aliases() -> dict:
 
 def resolve(spec: str) -> Source:
     """Turn a --model value into a local diffusers folder."""
-    if spec == "tiny":
-        from .tiny import tiny_folder
-        return Source(spec, "tiny", tiny_folder())
+    from .tiny import VARIANTS, tiny_folder
+
+    if spec in VARIANTS:
+        return Source(spec, "tiny", tiny_folder(spec))
     table = aliases()
     if spec in table:
         repo_id = table[spec]["repo_id"]
         return Source(spec, "alias", _download(repo_id), repo_id)
     path = Path(spec).expanduser()
+    from .single_file import is_single_file, to_diffusers_folder
+
+    if path.is_file() and is_single_file(path):
+        from .tiny import cache_dir
+        return Source(spec, "single_file", to_diffusers_folder(path.resolve(), cache_dir() / "single_file"))
     if not path.exists():
-        raise UserError(f"model {spec!r} is neither a known alias ({', '.join(sorted(table))}, tiny) "
+        raise UserError(f"model {spec!r} is neither a known alias ({', '.join(sorted(table) + sorted(VARIANTS))}) "
                         "nor an existing folder")
     if not path.is_dir():
-        raise UserError(f"model {spec!r} is a file; pass a diffusers folder (with model_index.json)")
+        raise UserError(f"model {spec!r} is a file but not a .safetensors/.ckpt checkpoint; "
+                        "pass a checkpoint or a diffusers folder (with model_index.json)")
     return Source(spec, "folder", path.resolve())
 
 
@@ -80,30 +90,73 @@ def check_folder(folder: Path) -> dict:
         index = json.loads(index_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{index_path}: not valid JSON ({e})") from None
-    missing = [c for c in REQUIRED if not isinstance(index.get(c), list) or index[c][0] is None]
+    missing = [c for c in REQUIRED if not present(index, c)]
+    if not any(present(index, te) for te, _ in TEXT_PAIRS):
+        missing.append("text_encoder")
     if missing:
         raise UserError(f"{folder} is not a Stable Diffusion pipeline: model_index.json lacks {', '.join(missing)}")
-    for c in REQUIRED:
+    needed = list(REQUIRED) + [c for pair in TEXT_PAIRS if present(index, pair[0]) for c in pair]
+    for c in needed:
         if not (folder / c).is_dir():
             raise UserError(f"{folder}: component folder {c}/ is missing")
+    for _, tok in TEXT_PAIRS:
+        t = folder / tok
+        if t.is_dir() and not (t / "tokenizer.json").is_file():
+            for f in ("vocab.json", "merges.txt"):
+                if not (t / f).is_file():
+                    raise UserError(f"{folder}: {tok}/{f} is missing (a CLIP tokenizer needs vocab.json and merges.txt)")
     return index
 
 
-def load_components(source: Source) -> Components:
-    """Load the text encoder, UNet and VAE in fp32, refusing partial weight loads."""
+def present(index: dict, component: str) -> bool:
+    """Whether model_index.json names a component (entries like [null, null] mean absent)."""
+    entry = index.get(component)
+    return isinstance(entry, list) and entry[0] is not None
+
+
+def component_folder(path: str, name: str) -> Path:
+    """An override's folder: the component folder itself (with config.json) or a pipeline folder holding it."""
+    p = Path(path).expanduser()
+    for candidate in (p, p / name):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"--{name.replace('_', '-')} {path}: no config.json there or in {name}/ below it")
+
+
+def load_components(source: Source, overrides: dict | None = None) -> Components:
+    """Load the text encoder(s), UNet and VAE in fp32, refusing partial weight loads; apply overrides."""
+    components = _load_folder(source)
+    for name, path in (overrides or {}).items():
+        if path is None:
+            continue
+        if getattr(components, name) is None:
+            raise UserError(f"--{name.replace('_', '-')}: this model has no {name} to replace")
+        folder = component_folder(path, name)
+        cls = type(getattr(components, name))
+        setattr(components, name, _load(cls, folder, name))
+        components.configs[name] = json.loads((folder / "config.json").read_text())
+        components.overrides[name] = str(folder.resolve())
+    return components
+
+
+def _load_folder(source: Source) -> Components:
+    """Load every component of a diffusers folder."""
     folder = source.folder
     index = check_folder(folder)
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    text_encoder = _load(CLIPTextModel, folder / "text_encoder", "text_encoder")
+    text_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    texts = {te: _load(text_classes[te], folder / te, te) if present(index, te) else None for te, _ in TEXT_PAIRS}
     unet = _load(UNet2DConditionModel, folder / "unet", "unet")
     vae = _load(AutoencoderKL, folder / "vae", "vae")
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
         raise UserError(f"{folder}: scheduler/scheduler_config.json is missing")
-    configs = {c: json.loads((folder / c / "config.json").read_text()) for c in ("text_encoder", "unet", "vae")}
-    return Components(source, index, text_encoder, unet, vae, json.loads(sched_path.read_text()), configs)
+    configs = {c: json.loads((folder / c / "config.json").read_text())
+               for c in ("unet", "vae", *(te for te in texts if texts[te] is not None))}
+    return Components(source, index, texts["text_encoder"], unet, vae, json.loads(sched_path.read_text()), configs,
+                      texts["text_encoder_2"])
 
 
 def _load(cls, path: Path, name: str):

@@ -34,20 +34,28 @@ class ComponentSpec:
 
 DYNAMIC = (BATCH, SEQ, HEIGHT, WIDTH, LH, LW)
 
-TEXT_ENCODER = ComponentSpec(
-    "text_encoder", "text_encoder",
-    inputs=(Tensor("input_ids", "int64", (BATCH, SEQ)),),
-    outputs=(Tensor("last_hidden_state", "float32", (BATCH, SEQ, "text_hidden")),
-             Tensor("pooler_output", "float32", (BATCH, "text_hidden"))),
-    atol=1e-4, rtol=1e-4)
+def _text_encoder(name: str, hidden: str, layers: int, projection: bool, hidden_states: bool) -> ComponentSpec:
+    """A CLIP text encoder: (projected) pooled output, last hidden state, and optionally every layer's states."""
+    seq_out = Tensor("last_hidden_state", "float32", (BATCH, SEQ, hidden))
+    pooled = (Tensor("text_embeds", "float32", (BATCH, f"{name}_projection")) if projection
+              else Tensor("pooler_output", "float32", (BATCH, hidden)))
+    states = tuple(Tensor(f"hidden_states.{i}", "float32", (BATCH, SEQ, hidden)) for i in range(layers + 1))
+    outputs = ((pooled, seq_out) if projection else (seq_out, pooled)) + (states if hidden_states else ())
+    return ComponentSpec(name, name, inputs=(Tensor("input_ids", "int64", (BATCH, SEQ)),), outputs=outputs,
+                         atol=1e-4, rtol=1e-4)
 
+
+TEXT_ENCODER = _text_encoder("text_encoder", "text_encoder_hidden", 0, projection=False, hidden_states=False)
+
+UNET_INPUTS = (Tensor("sample", "float32", (BATCH, "unet_in", LH, LW)),
+               Tensor("timestep", "float32", ()),                     # rank-0, as Optimum exports it
+               Tensor("encoder_hidden_states", "float32", (BATCH, SEQ, "cross_dim")))
 UNET = ComponentSpec(
-    "unet", "unet",
-    inputs=(Tensor("sample", "float32", (BATCH, "unet_in", LH, LW)),
-            Tensor("timestep", "float32", ()),                     # rank-0, as Optimum exports it
-            Tensor("encoder_hidden_states", "float32", (BATCH, SEQ, "cross_dim"))),
-    outputs=(Tensor("out_sample", "float32", (BATCH, "unet_out", LH, LW)),),
-    atol=1e-4, rtol=1e-4)
+    "unet", "unet", inputs=UNET_INPUTS,
+    outputs=(Tensor("out_sample", "float32", (BATCH, "unet_out", LH, LW)),), atol=1e-4, rtol=1e-4)
+TEXT_TIME_INPUTS = (Tensor("text_embeds", "float32", (BATCH, "pooled_dim")),   # SDXL added conditioning
+                    Tensor("time_ids", "float32", (BATCH, "time_ids_dim")))
+TIMESTEP_COND = Tensor("timestep_cond", "float32", (BATCH, "time_cond_dim"))   # LCM guidance embedding
 
 VAE_ENCODER = ComponentSpec(
     "vae_encoder", "vae",
@@ -64,6 +72,22 @@ VAE_DECODER = ComponentSpec(
 SD_COMPONENTS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
 
 
+def unet_spec(unet: dict) -> ComponentSpec:
+    """The UNet's inputs follow its config: SDXL text_time conditioning, LCM guidance embedding."""
+    extra = TEXT_TIME_INPUTS if unet.get("addition_embed_type") == "text_time" else ()
+    extra += (TIMESTEP_COND,) if unet.get("time_cond_proj_dim") else ()
+    return ComponentSpec("unet", "unet", UNET_INPUTS + extra, UNET.outputs, UNET.atol, UNET.rtol)
+
+
+def component_specs(configs: dict) -> tuple:
+    """Every graph this model exports, decided by which components and config keys it has."""
+    two = "text_encoder_2" in configs    # SDXL-style: both encoders feed their penultimate layer's states
+    texts = tuple(_text_encoder(name, f"{name}_hidden", configs[name]["num_hidden_layers"],
+                                projection=name == "text_encoder_2", hidden_states=two)
+                  for name in ("text_encoder", "text_encoder_2") if name in configs)
+    return texts + (unet_spec(configs["unet"]), VAE_ENCODER, VAE_DECODER)
+
+
 def vae_scale_factor(vae_config: dict) -> int:
     """Pixels per latent cell: 2 ** (number of VAE blocks - 1), as diffusers computes it."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -71,12 +95,21 @@ def vae_scale_factor(vae_config: dict) -> int:
 
 def dims(configs: dict, batch: int, height: int, width: int, sequence: int) -> dict:
     """Concrete sizes of every symbolic axis and config key, for one sample shape."""
-    te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
+    unet, vae = configs["unet"], configs["vae"]
     f = vae_scale_factor(vae)
-    return {BATCH: batch, SEQ: sequence, HEIGHT: height, WIDTH: width, LH: height // f, LW: width // f,
-            "text_hidden": te["hidden_size"], "unet_in": unet["in_channels"], "unet_out": unet["out_channels"],
-            "cross_dim": unet["cross_attention_dim"], "image_channels": vae["in_channels"],
-            "latent_channels": vae["latent_channels"], "latent_moments": 2 * vae["latent_channels"]}
+    d = {BATCH: batch, SEQ: sequence, HEIGHT: height, WIDTH: width, LH: height // f, LW: width // f,
+         "unet_in": unet["in_channels"], "unet_out": unet["out_channels"], "cross_dim": unet["cross_attention_dim"],
+         "image_channels": vae["in_channels"], "latent_channels": vae["latent_channels"],
+         "latent_moments": 2 * vae["latent_channels"], "time_cond_dim": unet.get("time_cond_proj_dim")}
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in configs:
+            d[f"{name}_hidden"] = configs[name]["hidden_size"]
+            d[f"{name}_projection"] = configs[name].get("projection_dim")
+    if unet.get("addition_embed_type") == "text_time":
+        d["pooled_dim"] = configs["text_encoder_2"]["projection_dim"]
+        d["time_ids_dim"] = (unet["projection_class_embeddings_input_dim"] - d["pooled_dim"]) \
+            // unet["addition_time_embed_dim"]
+    return d
 
 
 def concrete_shape(t: Tensor, d: dict) -> tuple:

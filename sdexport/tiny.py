@@ -1,4 +1,9 @@
-"""The built-in `tiny` model: a deterministic random-weight SD 1.x-style pipeline, written as a real folder."""
+"""Built-in tiny models: deterministic random-weight pipelines of each family, written as real diffusers folders.
+
+`tiny` is SD 1.x-style; `tiny-sd2` (v-prediction, OpenCLIP-style text encoder), `tiny-sdxl` (two text
+encoders, pooled embeddings, add_time_ids) and `tiny-lcm` (guidance-embedding UNet) follow their families'
+real configs at toy sizes. Each is built offline on first use and cached.
+"""
 from __future__ import annotations
 
 import json
@@ -7,7 +12,7 @@ from pathlib import Path
 
 from runtime.atomic import staged_dir
 
-TINY_VERSION = 2          # bump when the configs below change: the cache key
+TINY_VERSION = 3          # bump when the configs below change: the cache key
 
 SCHEDULER_CONFIG = {      # stable-diffusion-v1-5's scheduler_config.json
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -31,6 +36,45 @@ TEXT_CONFIG = dict(  # bos/eos/pad ids as in the real SD 1.x text encoder config
     max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
     pad_token_id=1)
 
+# Each family: overrides of the SD 1.x configs above, as that family's real configs differ from SD 1.5.
+VARIANTS = {
+    "tiny": {"pipeline": "StableDiffusionPipeline"},
+    "tiny-sd2": {   # stable-diffusion-2-1: v-prediction, linear projections, OpenCLIP text encoder (gelu, pad "!")
+        "pipeline": "StableDiffusionPipeline", "pad_token": "!",
+        "unet": {"use_linear_projection": True, "attention_head_dim": (2, 4)},
+        "text": {"hidden_act": "gelu"},
+        "scheduler": {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"},
+    },
+    "tiny-sdxl": {  # stable-diffusion-xl-base-1.0: two text encoders, text_time added conditioning
+        "pipeline": "StableDiffusionXLPipeline", "text_encoder_2": True, "force_zeros_for_empty_prompt": True,
+        "unet": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": (2, 4),
+                 "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                 "transformer_layers_per_block": (1, 2), "projection_class_embeddings_input_dim": 80,
+                 "cross_attention_dim": 64},
+        "vae": {"scaling_factor": 0.13025, "force_upcast": True},
+        "scheduler": {"_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+                      "use_karras_sigmas": False},
+    },
+    "tiny-sdxl-refiner": {   # stable-diffusion-xl-refiner-1.0: text_encoder_2 only, aesthetic-score time ids
+        "pipeline": "StableDiffusionXLImg2ImgPipeline", "text_encoder": False, "text_encoder_2": True,
+        "force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True,
+        "unet": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": (2, 4),
+                 "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                 "transformer_layers_per_block": (1, 2), "projection_class_embeddings_input_dim": 72,
+                 "cross_attention_dim": 32},
+        "vae": {"scaling_factor": 0.13025, "force_upcast": True},
+        "scheduler": {"_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+                      "use_karras_sigmas": False},
+    },
+    "tiny-lcm": {   # an LCM-distilled SD 1.x UNet: guidance embedding input, LCM scheduler
+        "pipeline": "LatentConsistencyModelPipeline", "unet": {"time_cond_proj_dim": 32},
+        "scheduler": {"_class_name": "LCMScheduler", "original_inference_steps": 50, "timestep_scaling": 10.0,
+                      "clip_sample": False, "set_alpha_to_one": True},
+    },
+}
+
 
 def cache_dir() -> Path:
     """Where built-in models are materialised (XDG cache)."""
@@ -39,58 +83,74 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def tiny_folder() -> Path:
-    """The tiny model as a diffusers folder, built on first use."""
-    dest = cache_dir() / f"tiny-v{TINY_VERSION}"
+def tiny_folder(name: str = "tiny") -> Path:
+    """A built-in tiny model as a diffusers folder, built on first use."""
+    dest = cache_dir() / f"{name}-v{TINY_VERSION}"
     if not (dest / "model_index.json").is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
         with staged_dir(dest, replace_existing=True) as tmp:
-            build_tiny(tmp)
+            build_tiny(tmp, name)
     return dest
 
 
-def build_tiny(dest: Path) -> None:
-    """Build the tiny pipeline from config with seeded random weights and save it in the real layout."""
+def build_tiny(dest: Path, name: str = "tiny") -> None:
+    """Build one tiny pipeline from config with seeded random weights and save it in the real layout."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .clip_vocab import write_clip_tokenizer
     from .sources import quiet_libraries
 
     quiet_libraries()
-
+    v = VARIANTS[name]
     torch.manual_seed(0)
-    UNet2DConditionModel(**UNET_CONFIG).save_pretrained(dest / "unet")
+    UNet2DConditionModel(**UNET_CONFIG | v.get("unet", {})).save_pretrained(dest / "unet")
     torch.manual_seed(1)
-    AutoencoderKL(**VAE_CONFIG).save_pretrained(dest / "vae")
-    torch.manual_seed(2)
-    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-    text.save_pretrained(dest / "text_encoder")
-    _prefix_text_model_keys(dest / "text_encoder" / "model.safetensors")
-    write_clip_tokenizer(dest / "tokenizer")
+    AutoencoderKL(**VAE_CONFIG | v.get("vae", {})).save_pretrained(dest / "vae")
+    text_config = CLIPTextConfig(**TEXT_CONFIG | v.get("text", {}))
+    encoders = [("text_encoder", CLIPTextModel, "<|endoftext|>", 2)] if v.get("text_encoder", True) else []
+    if v.get("text_encoder_2"):
+        encoders.append(("text_encoder_2", CLIPTextModelWithProjection, "!", 3))
+    for folder, cls, pad, seed in encoders:
+        torch.manual_seed(seed)
+        cls(text_config).save_pretrained(dest / folder)
+        prefix_text_model_keys(dest / folder / "model.safetensors")
+        write_clip_tokenizer(dest / folder.replace("text_encoder", "tokenizer"), pad_token=v.get("pad_token", pad))
     (dest / "scheduler").mkdir()
-    (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-    (dest / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+    sched = SCHEDULER_CONFIG | v.get("scheduler", {})
+    (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    (dest / "model_index.json").write_text(json.dumps(_model_index(v, sched["_class_name"]), indent=2))
 
 
-def _prefix_text_model_keys(path: Path) -> None:
-    """Rewrite CLIPTextModel weights in the `text_model.`-prefixed layout real SD repos use."""
+def prefix_text_model_keys(path: Path) -> None:
+    """Rewrite CLIP text-model weights in the `text_model.`-prefixed layout real SD repos use."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(path)
-    fixed = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()}
+    fixed = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+             for k, v in tensors.items()}
     save_file(fixed, path, metadata={"format": "pt"})
 
 
-def _model_index() -> dict:
-    """model_index.json of a StableDiffusionPipeline."""
+def _model_index(v: dict, scheduler: str) -> dict:
+    """model_index.json of the variant's diffusers pipeline class."""
     import diffusers
 
-    return {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    first = v.get("text_encoder", True)
+    index = {
+        "_class_name": v["pipeline"], "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"] if first else [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if first else [None, None],
     }
+    if v.get("text_encoder_2"):
+        index |= {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                  "force_zeros_for_empty_prompt": v.get("force_zeros_for_empty_prompt", True)}
+        if "requires_aesthetics_score" in v:
+            index["requires_aesthetics_score"] = v["requires_aesthetics_score"]
+    else:
+        index |= {"feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False}
+    return index

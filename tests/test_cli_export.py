@@ -150,3 +150,20 @@ def test_profiles_command():
     assert r.exit_code == 0
     for name in ("cpu", "cuda", "tensorrt", "directml"):
         assert f"{name}: " in r.stdout
+
+
+def test_vae_override(tmp_path, tiny_folder):
+    """--vae swaps in another VAE: its config ships with the graphs and verification runs against it."""
+    from sdexport.tiny import tiny_folder as build
+
+    other = build("tiny-sdxl") / "vae"
+    out = tmp_path / "o"
+    r = run("convert", "--model", "tiny", "--vae", str(other), "--out", str(out), "--quiet")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "vae_decoder" / "config.json").read_text())["scaling_factor"] == 0.13025
+    manifest = json.loads((out / "sdexport.json").read_text())
+    assert manifest["source"]["overrides"]["vae"] == str(other.resolve())
+    r = run("verify", str(out), "--model", "tiny", "--vae", str(other))
+    assert r.exit_code == 0, r.output
+    one_line_error(run("convert", "--model", "tiny", "--vae", str(tmp_path), "--out", str(tmp_path / "p")),
+                   "--vae", "config.json")

@@ -80,3 +80,30 @@ def test_vae_encoder_outputs_distribution_parameters(tiny_export, tiny_component
     mean, logvar = np.split(params, 2, axis=1)
     np.testing.assert_allclose(mean, dist.mean.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.clip(logvar, -30, 20), dist.logvar.numpy(), atol=1e-5)
+
+
+def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
+    """Graphs over 2 GB come out of the tracer with one file per tensor; we ship one model.onnx_data."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdexport.export import DATA_FILE, gather_external_data
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((64, 64), dtype=np.float32), rng.standard_normal((64, 8), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    src = tmp_path / "traced" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(helper.make_model(graph), str(src), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(src.parent.iterdir())) == 3
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    gather_external_data(src, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", DATA_FILE]
+    x = rng.standard_normal((1, 64), dtype=np.float32)
+    (y,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w1 @ w2, rtol=1e-5, atol=1e-5)

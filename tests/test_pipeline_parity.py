@@ -120,3 +120,44 @@ def test_inpaint_blending_matches_diffusers(ours, tiny_folder, strength):
     a, b = run_both(ours, ref, steps=6, seed=9, image=_init_image(), mask_image=_mask(), strength=strength,
                     height=SIZE, width=SIZE)
     assert np.abs(a - b).max() < 1e-3
+
+
+@pytest.fixture(scope="module")
+def inpaint_folder(tiny_folder, tmp_path_factory):
+    """The tiny model with a dedicated 9-channel inpainting UNet (image latents + mask + masked latents)."""
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from sdexport.tiny import UNET_CONFIG
+
+    folder = tmp_path_factory.mktemp("inpaint") / "tiny-inpaint"
+    shutil.copytree(tiny_folder, folder)
+    shutil.rmtree(folder / "unet")
+    torch.manual_seed(3)
+    UNet2DConditionModel(**UNET_CONFIG | {"in_channels": 9}).save_pretrained(folder / "unet")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionInpaintPipeline"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inpaint_ours(inpaint_folder, tmp_path_factory):
+    """Our runtime on the cpu export of the 9-channel model."""
+    from sdexport.convert import ConvertConfig, convert
+    from sdexport.profiles import load_profile
+
+    out = tmp_path_factory.mktemp("inpaint-export") / "cpu"
+    convert(ConvertConfig(str(inpaint_folder), load_profile("cpu"), out))
+    return StableDiffusionPipeline.from_pretrained(out, provider="cpu")
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_nine_channel_inpaint_matches_diffusers(inpaint_folder, inpaint_ours, strength):
+    ours = inpaint_ours
+    assert ours.model.facts.unet_in_channels == 9
+    ref = diffusers_pipe(inpaint_folder, "StableDiffusionInpaintPipeline")
+    a, b = run_both(ours, ref, steps=6, seed=21, image=_init_image(), mask_image=_mask(), strength=strength,
+                    height=SIZE, width=SIZE)
+    assert np.abs(a - b).max() < 1e-3

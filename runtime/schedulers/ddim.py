@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from . import schedules
 from .base import COMMON_DEFAULTS, Plan, Scheduler, check_range, draw
 

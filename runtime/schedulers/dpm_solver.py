@@ -122,7 +122,8 @@ class DPMSolverMultistep(VPSolverScheduler):
         """num_train_timesteps minus the steps whose lambda is below lambda_min_clipped."""
         ac = self.alphas_cumprod
         lam = np.log(np.sqrt(ac)) - np.log(np.sqrt(F32(1) - ac))
-        return self.config.num_train_timesteps - int(np.searchsorted(lam[::-1], self.config.lambda_min_clipped))
+        clipped = int(np.searchsorted(lam[::-1], self.config.lambda_min_clipped))
+        return self.config.num_train_timesteps - clipped
 
     def _update(self, plan, state, i, x, x0, eps, noise):
         """Store x0, pick the order (warm-up and lower_order_final as diffusers), take the step."""

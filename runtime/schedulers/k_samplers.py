@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import schedules
-from .base import COMMON_DEFAULTS, NoState, Plan, Scheduler, draw
+from .base import COMMON_DEFAULTS, Plan, Scheduler, draw
 from .parameterization import NoiseLevel
 
 F32 = np.float32
@@ -85,7 +85,8 @@ class Euler(SigmaScheduler):
     def _validate(self) -> None:
         super()._validate()
         if self.config.interpolation_type != "linear":
-            raise ValueError(f"interpolation_type {self.config.interpolation_type!r} is not supported; use 'linear'")
+            raise ValueError(f"interpolation_type {self.config.interpolation_type!r} is not supported; "
+                             "use 'linear'")
         if self.config.timestep_type not in ("discrete", "continuous"):
             raise ValueError(f"timestep_type {self.config.timestep_type!r}: use 'discrete' or 'continuous'")
 
@@ -114,7 +115,7 @@ class EulerAncestral(SigmaScheduler):
         return True
 
     def _update(self, plan, state, i, x, x0, eps, noise):
-        """sigma_up = sqrt(s'²(s² - s'²)/s²), sigma_down = sqrt(s'² - sigma_up²); x' = Euler(x, sigma_down) + sigma_up z."""
+        """Euler to sigma_down plus sigma_up z; sigma_up² = s'²(s² - s'²)/s², sigma_down² = s'² - sigma_up²."""
         s, s_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
         sigma_up = math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2)
         sigma_down = math.sqrt(s_next ** 2 - sigma_up ** 2)
@@ -172,7 +173,7 @@ _GAUSS_X, _GAUSS_W = np.polynomial.legendre.leggauss(4)
 
 
 def lms_coefficient(sigmas: np.ndarray, order: int, t: int, j: int) -> float:
-    """Integral over [sigma_t, sigma_{t+1}] of the j-th Lagrange basis polynomial on sigma_t, ..., sigma_{t-order+1}."""
+    """Integral over [sigma_t, sigma_{t+1}] of the j-th Lagrange polynomial on sigma_t .. sigma_{t-order+1}."""
     a, b = float(sigmas[t]), float(sigmas[t + 1])
     tau = (b - a) / 2 * _GAUSS_X + (a + b) / 2
     prod = np.ones_like(tau)
@@ -203,4 +204,4 @@ class LMS(SigmaScheduler):
         return prev, LMSState(derivs)
 
 
-__all__ = ["Euler", "EulerAncestral", "Heun", "LMS", "HeunState", "LMSState", "NoState"]
+__all__ = ["Euler", "EulerAncestral", "Heun", "LMS", "HeunState", "LMSState"]

@@ -59,7 +59,8 @@ def predict(prediction_type: str, model_output: np.ndarray, sample: np.ndarray,
         norm = math.hypot(a, s)
         a_vp, s_vp, x_vp = a / norm, s / norm, sample / norm
         return a_vp * x_vp - s_vp * model_output, a_vp * model_output + s_vp * x_vp
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {', '.join(PREDICTION_TYPES)}")
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported; "
+                     f"use one of {', '.join(PREDICTION_TYPES)}")
 
 
 def dynamic_threshold(x0: np.ndarray, ratio: float, max_value: float) -> np.ndarray:

@@ -93,7 +93,8 @@ def from_config(config: Mapping[str, Any], name: str | None = None, **overrides:
         raise ValueError(f"unknown scheduler option(s): {', '.join(unknown)}")
     target = name if name is not None else config.get("_class_name")
     if not target:
-        raise ValueError(f"no scheduler name given and the config has no _class_name; valid names: {_valid_names()}")
+        raise ValueError("no scheduler name given and the config has no _class_name; "
+                         f"valid names: {_valid_names()}")
     if target in _BY_CLASS:
         cls, implied, label = _BY_CLASS[target], {}, None
     else:

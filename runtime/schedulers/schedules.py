@@ -114,7 +114,7 @@ def interp_sigmas(timesteps: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho (Karras 2022, eq. 5)."""
+    """sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, rho = 7 (Karras 2022, eq. 5)."""
     ramp = np.linspace(0, 1, n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho

@@ -73,7 +73,7 @@ class UniPC(VPSolverScheduler):
     def _predictor(self, sigmas, i, x, outputs, order):
         """UniP: x_{i+1} from x_i and the last `order` outputs (Zhao 2023, UniP-p)."""
         ms = [np.asarray(v, np.float64) for v in outputs]
-        lams = [schedules.half_log_snr(sigmas[i + 1])] + [schedules.half_log_snr(sigmas[i - k]) for k in range(order)]
+        lams = [schedules.half_log_snr(sigmas[j]) for j in [i + 1] + [i - k for k in range(order)]]
         rks, d1s = self._history(ms, lams, order)
         hh, b_h, b = self._b(lams[0] - lams[1], order)
         if not d1s:
@@ -89,7 +89,7 @@ class UniPC(VPSolverScheduler):
         """UniC: refine x_i with the new output m_t, using the previous step's order (Zhao 2023, UniC-p)."""
         ms = [np.asarray(v, np.float64) for v in state.outputs]
         order, x_last = state.this_order, np.asarray(state.last_sample, np.float64)
-        lams = [schedules.half_log_snr(sigmas[i])] + [schedules.half_log_snr(sigmas[i - 1 - k]) for k in range(order)]
+        lams = [schedules.half_log_snr(sigmas[j]) for j in [i] + [i - 1 - k for k in range(order)]]
         rks, d1s = self._history(ms, lams, order)
         hh, b_h, b = self._b(lams[0] - lams[1], order)
         rhos = np.array([0.5]) if order == 1 else np.linalg.solve(_vandermonde(rks, order), b)
@@ -117,7 +117,7 @@ class UniPC(VPSolverScheduler):
         return hh, b_h, np.array(b)
 
     def _base(self, sigma_t, sigma_s, x, m0, hh):
-        """First-order part: (s_t/s_s) x - a_t (e^hh - 1) m0 for x0, or (a_t/a_s) x - s_t (e^hh - 1) m0 for eps."""
+        """First-order part: (s_t/s_s) x - a_t (e^hh - 1) m0, or (a_t/a_s) x - s_t (e^hh - 1) m0 for eps."""
         t, s = NoiseLevel.vp_from_sigma(sigma_t), NoiseLevel.vp_from_sigma(sigma_s)
         if self.config.predict_x0:
             return t.sigma / s.sigma * x - t.alpha * math.expm1(hh) * m0

@@ -1,0 +1,92 @@
+"""Benchmark models: the built-in tiny, SD 1.5 with random weights, local folders, and known skips."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from runtime.atomic import staged_dir
+from sdexport.tiny import SCHEDULER_CONFIG, VARIANTS, _model_index, cache_dir, prefix_text_model_keys, tiny_folder
+
+SD15_VERSION = 1          # bump when the configs below change: the cache key
+
+SD15_UNET = dict(         # runwayml/stable-diffusion-v1-5 unet/config.json
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+    freq_shift=0, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
+    norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8)
+
+SD15_VAE = dict(          # vae/config.json
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, act_fn="silu",
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215)
+
+SD15_TEXT = dict(         # text_encoder/config.json (CLIP ViT-L/14 text tower)
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+SKIPPED = {"sdxl-random": "SDXL export not supported yet"}
+
+
+def sd15_unet():
+    """The full-size SD 1.5 UNet with seeded random weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**SD15_UNET).eval()
+
+
+def sd15_folder() -> Path:
+    """SD 1.5 with random weights as a diffusers folder, built once into the cache."""
+    dest = cache_dir() / f"sd15-random-v{SD15_VERSION}"
+    if not (dest / "model_index.json").is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with staged_dir(dest, replace_existing=True) as tmp:
+            build_sd15(tmp)
+    return dest
+
+
+def build_sd15(dest: Path) -> None:
+    """Save UNet, VAE, text encoder, tokenizer and scheduler in the real SD 1.5 layout."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdexport.clip_vocab import write_clip_tokenizer
+
+    sd15_unet().save_pretrained(dest / "unet")
+    torch.manual_seed(1)
+    AutoencoderKL(**SD15_VAE).save_pretrained(dest / "vae")
+    torch.manual_seed(2)
+    CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).save_pretrained(dest / "text_encoder")
+    prefix_text_model_keys(dest / "text_encoder" / "model.safetensors")
+    write_clip_tokenizer(dest / "tokenizer")
+    (dest / "scheduler").mkdir()
+    (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    (dest / "model_index.json").write_text(json.dumps(_model_index(VARIANTS["tiny"], SCHEDULER_CONFIG["_class_name"]), indent=2))
+
+
+BUILDERS = {"tiny": tiny_folder, "sd15-random": sd15_folder}
+
+
+def skip_reason(name: str) -> str | None:
+    """Why a model cannot be benchmarked here, or None."""
+    if name in SKIPPED:
+        return SKIPPED[name]
+    if name not in BUILDERS and not (Path(name) / "model_index.json").is_file():
+        return f"unknown model {name!r}: not one of {', '.join([*BUILDERS, *SKIPPED])} nor a diffusers folder"
+    return None
+
+
+def model_folder(name: str) -> Path:
+    """The diffusers folder of a benchmark model (built on first use)."""
+    return BUILDERS[name]() if name in BUILDERS else Path(name).resolve()
+
+
+def model_key(name: str) -> str:
+    """A short stable id of a model for export cache keys."""
+    folder = model_folder(name)
+    return hashlib.sha256(str(folder).encode()).hexdigest()[:12]

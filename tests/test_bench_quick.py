@@ -1,0 +1,56 @@
+"""The quick benchmark preset end to end on the tiny model, and skipped backends."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import __main__ as bench_cli
+from bench.schema import Results, read_json
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory, tiny_folder):
+    """Output folder of `python -m bench --preset quick` (one steady repeat)."""
+    out = tmp_path_factory.mktemp("bench-quick")
+    assert bench_cli.main(["--preset", "quick", "--out", str(out), "--repeats", "1",
+                           "--machine-id", "test-box"]) == 0
+    return out
+
+
+def test_quick_preset_writes_valid_results(quick_out):
+    results = read_json(quick_out / "results.json")
+    Results.from_dict(json.loads((quick_out / "results.json").read_text()))
+    ok = {(r.backend, r.provider): r for r in results.runs if r.status == "ok"}
+    assert set(ok) >= {("diffusers-torch", "cpu"), ("runtime-ort", "cpu")}
+    ref, ours = ok[("diffusers-torch", "cpu")], ok[("runtime-ort", "cpu")]
+    assert ref.reference and ref.image_diff is None
+    assert ours.image_diff is not None and ours.image_diff.max_abs < 1e-2
+    assert ours.stages.unet_total_s > 0 and ours.peak_rss_mb > 0 and ours.session_create_s > 0
+
+
+def test_quick_preset_writes_report_and_charts(quick_out):
+    report = (quick_out / "report.md").read_text()
+    assert "speed-up" in report.splitlines()[next(i for i, l in enumerate(report.splitlines()) if "| machine" in l)]
+    assert any(line.startswith("| test-box | runtime-ort") and line.rstrip(" |").endswith("x")
+               for line in report.splitlines())
+    pngs = sorted(p.name for p in quick_out.glob("*.png"))
+    assert pngs and all((quick_out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_missing_backend_is_skipped_with_reason(monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    preset = bench_cli.load_preset("quick") | {"backends": ["runtime-ort:cuda", "runtime-ort:tensorrt"]}
+    specs = bench_cli.plan(preset)
+    assert [s.profile for s in specs] == ["cuda", "tensorrt"]
+    assert all("onnxruntime has no" in s.reason for s in specs)
+    runs = [bench_cli.to_run(s, bench_cli.execute(s, None, None), "m") for s in specs]
+    assert all(r.status == "skipped" and r.reason and r.provider in ("cuda", "tensorrt") for r in runs)
+
+
+def test_sdxl_is_listed_as_skipped():
+    preset = bench_cli.load_preset("quick") | {"models": ["sdxl-random"], "backends": ["diffusers-torch"]}
+    (spec,) = bench_cli.plan(preset)
+    assert spec.reason == "SDXL export not supported yet"
