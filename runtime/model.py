@@ -81,8 +81,9 @@ class Model:
             if not self.has(name):
                 raise ModelFolderError(f"{self.folder}: no {name}/model.onnx (needed for this request)")
             info = self.manifest.graphs.get(name) if self.manifest else None
-            session = make_session(self.folder / name / "model.onnx", self.session_config, info, self.target)
-            self._graphs[name] = Graph(session, name)
+            path = self.folder / name / "model.onnx"
+            self._graphs[name] = Graph(lambda dims: make_session(path, self.session_config, info, self.target, dims),
+                                       name, self.session_config)
         return self._graphs[name]
 
     def check_shape(self, batch: int, height: int, width: int) -> None:
@@ -91,7 +92,8 @@ class Model:
             self.manifest.check_shape(batch, height, width)
 
 
-def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: bool = True) -> Model:
+def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: bool = True,
+               io_binding: bool = True) -> Model:
     """Open a folder: validate the manifest and file hashes, read configs, prepare sessions."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -112,7 +114,9 @@ def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: b
         level=session.get("graph_optimization_level", "basic" if manifest else "all"),
         execution_mode=session.get("execution_mode", "sequential"),
         inter_op_threads=int(session.get("inter_op_num_threads", 1)),
-        enable_mem_pattern=bool(session.get("enable_mem_pattern", True)))
+        enable_mem_pattern=bool(session.get("enable_mem_pattern", True)),
+        io_binding=bool(session.get("io_binding", False)) and io_binding,
+        fixed_dims=bool(session.get("free_dimension_overrides", False)))
     try:
         tokenizers = {t: ClipTokenizer.from_folder(folder / t) for _, t in encoders}
     except ValueError as e:

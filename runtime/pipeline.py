@@ -46,12 +46,17 @@ class StableDiffusionPipeline:
         return cls(open_model(Path(folder), provider=provider, threads=threads, verify=verify))
 
     # -- pieces ---------------------------------------------------------------------
-    def unet(self, latents: np.ndarray, t: float, cond: Conditioning, channels: np.ndarray | None) -> np.ndarray:
+    def unet_constants(self, cond: Conditioning) -> dict:
+        """The UNet inputs that stay the same for every step, placed on the device once."""
+        g = self.model.graph("unet")
+        return {k: g.on_device(k, v) for k, v in ({"encoder_hidden_states": cond.embeds} | cond.extra).items()}
+
+    def unet(self, latents: np.ndarray, t: float, constants: dict, channels: np.ndarray | None) -> np.ndarray:
         """One UNet call; the timestep is shaped as the graph declares it (rank 0 or per batch)."""
         g = self.model.graph("unet")
         x = latents if channels is None else np.concatenate([latents, channels], axis=1)
         ts = np.float32(t) if g.input_rank("timestep") == 0 else np.full((x.shape[0],), t, dtype=np.float32)
-        return g(sample=x, timestep=ts, encoder_hidden_states=cond.embeds, **cond.extra)["out_sample"]
+        return g(sample=x, timestep=ts, **constants)["out_sample"]
 
     def encode_image(self, pixels: np.ndarray, gen, batch: int) -> np.ndarray:
         """VAE-encode (1, 3, H, W) pixels and sample scaled latents (batch, 4, h, w) from the generator."""
@@ -102,6 +107,7 @@ class StableDiffusionPipeline:
             raise UserError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step")
         cfg = uses_guidance(self.model, guidance_scale)
         cond = encode(self.model, prompts, negative_prompt, num_images_per_prompt, height, width, guidance_scale)
+        constants = self.unet_constants(cond)
         f = self.model.facts.vae_scale_factor
         shape = (total, self.model.facts.latent_channels, height // f, width // f)
         state = _Prepared.build(self, sched, plan, start, gen, shape, latents, image, mask_image, width, height)
@@ -112,7 +118,7 @@ class StableDiffusionPipeline:
             t = float(plan.timesteps[i])
             x_in = sched.scale_model_input(plan, i, np.concatenate([x, x]) if cfg else x)
             extra = state.unet_extra(cfg)
-            eps = self.unet(x_in, t, cond, extra)
+            eps = self.unet(x_in, t, constants, extra)
             if cfg:
                 uncond, text = np.split(eps, 2)
                 eps = uncond + guidance_scale * (text - uncond)

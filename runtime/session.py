@@ -14,6 +14,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider", "directml": "DmlExecutionProvider"}
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(double)": np.float64}
+DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
@@ -28,6 +29,13 @@ class SessionConfig:
     execution_mode: str = "sequential"
     inter_op_threads: int = 1
     enable_mem_pattern: bool = True
+    io_binding: bool = False          # bind inputs/outputs explicitly; constant inputs stay on the device
+    fixed_dims: bool = False          # pin symbolic dims per request shape (DirectML free-dimension overrides)
+
+    @property
+    def device(self) -> str:
+        """Where the first provider keeps tensors, for IO binding."""
+        return DEVICES.get(self.providers[0], "cpu")
 
 
 def choose_providers(requested: str, target_provider: str, fallbacks: tuple = ()) -> tuple:
@@ -45,9 +53,12 @@ def choose_providers(requested: str, target_provider: str, fallbacks: tuple = ()
     return (name,) if name == "CPUExecutionProvider" else (name, "CPUExecutionProvider")
 
 
-def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target: str) -> ort.InferenceSession:
-    """Build one session, turning a missing-kernel failure into a message naming the graph's target."""
+def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target: str,
+                 dims: dict | None = None) -> ort.InferenceSession:
+    """Build one session (with `dims` pinned as free-dimension overrides), naming the target on failure."""
     opts = ort.SessionOptions()
+    for axis, value in (dims or {}).items():
+        opts.add_free_dimension_override_by_name(axis, int(value))
     opts.graph_optimization_level = LEVELS[cfg.level]
     opts.intra_op_num_threads = cfg.threads
     opts.inter_op_num_threads = cfg.inter_op_threads
@@ -75,12 +86,25 @@ def _provider_key(provider: str) -> str:
 
 
 class Graph:
-    """One ONNX graph: feeds are checked by name, dtype and shape, then cast to what the graph declares."""
+    """One ONNX graph: feeds are checked by name, dtype and shape, then cast to what the graph declares.
 
-    def __init__(self, session: ort.InferenceSession, name: str):
-        self.session, self.name = session, name
+    With `fixed_dims`, a session is built per set of symbolic-dimension values (DirectML needs static shapes);
+    with `io_binding`, inputs and outputs are bound explicitly and OrtValue inputs (see `on_device`) are used
+    in place, so constant inputs such as text embeddings are uploaded once per request, not once per step.
+    """
+
+    def __init__(self, build, name: str, cfg: SessionConfig):
+        self.build, self.name, self.cfg = build, name, cfg
+        self.sessions = {}
+        session = self._session(())
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
+
+    def _session(self, key: tuple) -> ort.InferenceSession:
+        """The session for one set of pinned dims (the () key: none pinned)."""
+        if key not in self.sessions:
+            self.sessions[key] = self.build(dict(key))
+        return self.sessions[key]
 
     def input_rank(self, name: str) -> int:
         """Rank of a declared input."""
@@ -90,6 +114,31 @@ class Graph:
         """NumPy dtype of a declared input."""
         return ORT_TYPES[self.inputs[name].type]
 
+    def on_device(self, name: str, value: np.ndarray):
+        """An input placed where the graph runs, to reuse across calls (a checked array without IO binding)."""
+        value = self._checked(name, np.asarray(value))
+        return ort.OrtValue.ortvalue_from_numpy(value, self.cfg.device, 0) if self.cfg.io_binding else value
+
+    def _checked(self, name: str, value):
+        """Shape-check one feed and cast it to the declared element type."""
+        spec = self.inputs[name]
+        if isinstance(value, ort.OrtValue):
+            _check_shape(self.name, name, tuple(value.shape()), spec.shape)
+            return value
+        value = np.asarray(value)
+        _check_shape(self.name, name, value.shape, spec.shape)
+        return value.astype(ORT_TYPES[spec.type], copy=False)
+
+    def _dims(self, feeds: dict) -> tuple:
+        """Symbolic dimension values implied by the feeds (empty unless dims are pinned)."""
+        if not self.cfg.fixed_dims:
+            return ()
+        found = {}
+        for name, value in feeds.items():
+            shape = value.shape() if isinstance(value, ort.OrtValue) else value.shape
+            found |= {d: n for d, n in zip(self.inputs[name].shape, shape) if isinstance(d, str)}
+        return tuple(sorted(found.items()))
+
     def __call__(self, **feeds) -> dict:
         """Run with checked feeds; outputs as float32 (or their integer type) by name."""
         missing = set(self.inputs) - set(feeds)
@@ -97,14 +146,23 @@ class Graph:
         if missing or extra:
             raise ModelFolderError(f"{self.name}: graph inputs are {sorted(self.inputs)}, "
                                    f"got {sorted(feeds)} (a graph from a different exporter layout?)")
-        cast = {}
-        for name, value in feeds.items():
-            spec = self.inputs[name]
-            value = np.asarray(value)
-            _check_shape(self.name, name, value.shape, spec.shape)
-            cast[name] = value.astype(ORT_TYPES[spec.type], copy=False)
-        outs = self.session.run(self.output_names, cast)
+        cast = {name: self._checked(name, value) for name, value in feeds.items()}
+        session = self._session(self._dims(cast))
+        outs = self._run_bound(session, cast) if self.cfg.io_binding else session.run(self.output_names, cast)
         return {n: (o.astype(np.float32) if o.dtype == np.float16 else o) for n, o in zip(self.output_names, outs)}
+
+    def _run_bound(self, session, feeds: dict) -> list:
+        """run_with_iobinding: arrays are copied in, OrtValues used where they are, outputs copied back."""
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.cfg.device)
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
 
 def _check_shape(graph: str, name: str, got: tuple, declared: list) -> None:

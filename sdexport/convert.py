@@ -17,7 +17,7 @@ from .profiles import Profile
 from .sources import Components, load_components, present, resolve
 from .specs import component_specs, dims, manifest_shape
 from .optimize import optimize_component
-from .verify import Check, check_structure, verify_graph, verify_shapes
+from .verify import Check, check_structure, fp16_range_check, verify_graph, verify_shapes
 
 Progress = Callable[[str], None]
 
@@ -85,6 +85,8 @@ def _verify(spec, components: Components, folder: Path, cfg: ConvertConfig, stag
     graph = folder / spec.name / "model.onnx"
     fp16 = cfg.profile.component_precision(spec.name) == "fp16"
     checks = verify_graph(spec, _module(spec, components), graph, components.configs, stage=stage, fp16=fp16)
+    if stage == "traced" and fp16:
+        checks.append(fp16_range_check(spec, graph, components.configs, cfg.profile.fp32_ops))
     if stage == "optimised":
         problems = check_structure(graph, fp16)
         if problems:

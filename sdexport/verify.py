@@ -140,3 +140,40 @@ def check_structure(graph: Path, fp16: bool) -> list[str]:
     if fp16 and not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
         problems.append(f"{graph.parent.name}: no fp16 weights in an fp16 graph")
     return problems
+
+
+FP16_MAX = 65504.0
+
+
+def fp16_range_check(spec: ComponentSpec, graph: Path, configs: dict, fp32_ops: tuple, sequence: int = 77) -> Check:
+    """Run the fp32 graph on calibration inputs and find the largest activation of any op that fp16 will run."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(graph)))
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    produced = [o for n in model.graph.node if n.op_type not in fp32_ops for o in n.output]
+    watched = [o for o in produced if types.get(o) == onnx.TensorProto.FLOAT]
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(v for v in model.graph.value_info if v.name in watched and v.name not in known)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # keep every watched tensor
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    b, h, w = verify_shapes(configs)[-1]
+    d = dims(configs, b, h, w, sequence)
+    from .export import sample_inputs
+    feeds = {k: v.numpy() for k, v in sample_inputs(spec, d).items()}
+    outs = [a for a in session.run(None, feeds) if a.size and a.dtype == np.float32]
+    nan = any(np.isnan(a).any() for a in outs)
+    peak = max(_activation_peak(a) for a in outs)
+    return Check(spec.name, "fp16 range", peak, FP16_MAX, not nan, stage="traced")
+
+
+def _activation_peak(a: np.ndarray) -> float:
+    """Largest magnitude, ignoring mask sentinels (-inf or dtype-min fills, which fp16 conversion clamps)."""
+    a = np.abs(a)
+    return float(a[a < MASK_SENTINEL].max(initial=0.0))
+
+
+MASK_SENTINEL = 1e30

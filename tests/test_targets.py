@@ -411,3 +411,22 @@ def test_out_of_range_shapes_on_the_command_line(exports, tmp_path):
                            catch_exceptions=False)
     one_line_error(r, "64", "[512, 768]", "--shapes")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_fp16_overflow_is_caught_before_conversion(tiny_folder, tmp_path):
+    """Activations beyond fp16's range in a component that would run in fp16 fail the convert, naming it."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from sdexport.convert import ConvertConfig, convert
+
+    src = tmp_path / "hot"
+    shutil.copytree(tiny_folder, src)
+    weights = src / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.weight"] = tensors["conv_in.weight"] * 1e5
+    save_file(tensors, weights)
+    with pytest.raises(UserError, match="unet fp16 range"):
+        convert(ConvertConfig(str(src), load_profile("cuda"), tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
