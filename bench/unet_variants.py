@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import sys
@@ -88,14 +89,17 @@ def diff(a: np.ndarray, b: np.ndarray) -> dict:
 def run(raw: Path, work: Path, repeats: int) -> tuple[dict, dict]:
     """Every variant, one at a time; ratios are torch eager time / variant time; plus int8 vs fp32."""
     feeds = inputs()
-    results = {"torch-eager": torch_eager(feeds, repeats)}
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        results = {"torch-eager": pool.apply(torch_eager, (feeds, repeats))}
     fp32, int8 = variant_graph(raw, work, "cpu", False), variant_graph(raw, work, "int8", True)
     plan = {"ort-fp32-nofusion": (raw / "model.onnx", "basic", False),
             "ort-fp32-cpu-dynamic": (fp32, "all", False), "ort-fp32-cpu-static": (fp32, "all", True),
             "ort-int8-dynamic": (int8, "all", False), "ort-int8-static": (int8, "all", True)}
+    spawn = multiprocessing.get_context("spawn")
     for name, (path, level, static) in plan.items():
         print(f"timing {name} ...", file=sys.stderr, flush=True)
-        results[name] = ort_variant(path, feeds, repeats, level, static)
+        with spawn.Pool(1) as pool:            # a fresh process per variant: no arena or session outlives it
+            results[name] = pool.apply(ort_variant, (path, feeds, repeats, level, static))
     outputs = {name: r.pop("output") for name, r in results.items()}
     for name, r in results.items():
         r["vs_torch"] = results["torch-eager"]["call_s"] / r["call_s"]

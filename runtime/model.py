@@ -108,6 +108,9 @@ def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: b
     target_provider = next(iter(manifest.graphs.values())).provider if manifest else "CPUExecutionProvider"
     session = manifest.session if manifest else {}
     options = {target_provider: _resolve_paths(manifest.provider_options, folder)} if manifest else {}
+    cuda_graph = bool(session.get("cuda_graph", False)) and io_binding      # static shapes, replayed per shape
+    if cuda_graph and "CUDAExecutionProvider" in options:
+        options["CUDAExecutionProvider"] = options["CUDAExecutionProvider"] | {"enable_cuda_graph": "1"}
     cfg = SessionConfig(
         providers=choose_providers(provider, target_provider, tuple(session.get("fallback_providers", ()))),
         provider_options=options, threads=threads or int(session.get("intra_op_num_threads", 0)),
@@ -116,7 +119,8 @@ def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: b
         inter_op_threads=int(session.get("inter_op_num_threads", 1)),
         enable_mem_pattern=bool(session.get("enable_mem_pattern", True)),
         io_binding=bool(session.get("io_binding", False)) and io_binding,
-        fixed_dims=bool(session.get("free_dimension_overrides", False)))
+        fixed_dims=bool(session.get("free_dimension_overrides", False)) or cuda_graph,
+        fixed_buffers=cuda_graph)
     try:
         tokenizers = {t: ClipTokenizer.from_folder(folder / t) for _, t in encoders}
     except ValueError as e:

@@ -93,7 +93,8 @@ class StableDiffusionPipeline:
         prompts = _as_list(prompt)
         total = len(prompts) * num_images_per_prompt
         height, width = self._size(height, width, image)
-        self._check_args(prompts, num_inference_steps, guidance_scale, strength, output_type, image, mask_image)
+        self._check_args(prompts, num_inference_steps, guidance_scale, strength, output_type, image, mask_image,
+                         height, width)
         self.model.check_shape(total, height, width)
         gen = generator or make_generator(0 if seed is None else seed, batch=total if isinstance(seed, list) else None)
         try:
@@ -145,7 +146,7 @@ class StableDiffusionPipeline:
         d = self.model.facts.default_size
         return int(height or d), int(width or d)
 
-    def _check_args(self, prompts, steps, guidance, strength, output_type, image, mask) -> None:
+    def _check_args(self, prompts, steps, guidance, strength, output_type, image, mask, height, width) -> None:
         """Reject bad arguments with one-line errors, before any graph runs."""
         if not prompts:
             raise UserError("no prompt given")
@@ -159,6 +160,9 @@ class StableDiffusionPipeline:
             raise UserError(f"output_type must be pil, np or latent, got {output_type!r}")
         if mask is not None and image is None:
             raise UserError("a mask needs an init image (--init-image)")
+        f = self.model.facts.vae_scale_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise UserError(f"width and height must be positive multiples of {f}, got {width}x{height}")
 
 
 @dataclass

@@ -153,7 +153,7 @@ def write_manifest(folder: Path, components: Components, profile: Profile, graph
         "shape_ranges": {axis: r.as_list() for axis, r in profile.shapes.items()},
         "graphs": graphs, "files": files,
         "session": profile.session | {"fallback_providers": list(profile.fallback_providers),
-                                      "io_binding": profile.io_binding,
+                                      "io_binding": profile.io_binding, "cuda_graph": profile.cuda_graph,
                                       "free_dimension_overrides": profile.free_dimension_overrides}, "provider_options": profile.provider_options,
         "tool_versions": tool_versions(), "verification": {"checks": [c.to_dict() for c in checks]},
     }

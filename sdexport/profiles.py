@@ -45,7 +45,7 @@ class Profile:
     fp32_ops: tuple = ()              # op types kept fp32 inside fp16 graphs
     quantize_unet: bool = False
     io_binding: bool = False
-    cuda_graph: bool = False
+    cuda_graph: bool = False          # CUDA graph capture/replay per static shape (needs io_binding)
     free_dimension_overrides: bool = False
     fallback_providers: tuple = ()
     source: str = ""

@@ -43,3 +43,16 @@ def test_on_device_checks_shapes(tiny_export):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_export[0], provider="cpu")
     with pytest.raises(ModelFolderError, match="encoder_hidden_states"):
         pipe.model.graph("unet").on_device("encoder_hidden_states", np.zeros((1, 77), np.float32))
+
+
+def test_fixed_buffers_replay_in_place(tiny_export, plain):
+    """The CUDA-graph mode: per shape, inputs are copied into the same buffers and outputs reuse theirs."""
+    pipe, out = generate(tiny_export[0], io_binding=True, fixed_dims=True, fixed_buffers=True)
+    np.testing.assert_allclose(out, plain, atol=1e-5)
+    unet = pipe.model.graph("unet")
+    (key,) = [k for k in unet.buffers]
+    first = {n: id(v) for n, v in unet.buffers[key]["in"].items()}
+    pipe("a dog", num_inference_steps=2, seed=9, height=64, width=64, output_type="np")
+    assert {n: id(v) for n, v in unet.buffers[key]["in"].items()} == first
+    again = pipe("a cat", num_inference_steps=3, seed=4, height=64, width=64, output_type="np").images
+    np.testing.assert_allclose(again, plain, atol=1e-5)
