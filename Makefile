@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	mkdir -p out
 	$(VENV)/bin/sdexport convert --model tiny --target cpu --out out/tiny-cpu --force
 	$(VENV)/bin/runtime generate --model out/tiny-cpu --prompt "a lighthouse at dusk" --steps 20 --seed 42 --out out/tiny.png
 

@@ -10,9 +10,6 @@ import click
 from .cliutil import FriendlyGroup, debug_option
 from .errors import UserError
 
-A1111_SAMPLERS = {"euler-a": "Euler a", "euler": "Euler", "heun": "Heun", "lms": "LMS", "ddim": "DDIM",
-                  "pndm": "PLMS", "dpm++2m": "DPM++ 2M", "dpm++2m-karras": "DPM++ 2M Karras",
-                  "dpm++2m-sde": "DPM++ 2M SDE", "unipc": "UniPC", "ddpm": "DDPM", "lcm": "LCM"}
 
 
 @click.group(cls=FriendlyGroup)
@@ -124,7 +121,7 @@ def generate(model, prompt, negative_prompt, steps, guidance, seed, gen_kind, sc
             for w in caught:
                 click.echo(f"warning: {str(w.message).splitlines()[0] if str(w.message) else w.category.__name__}",
                            err=True)
-    _write(out, result.images, pipe, prompt, negative_prompt, steps, scheduler, guidance, seed_value, model)
+    _write(out, result.images, prompt, negative_prompt, steps, result.scheduler, guidance, seed_value, model)
 
 
 def _progress_bar(steps: int):
@@ -141,19 +138,19 @@ def _progress_bar(steps: int):
     return callback
 
 
-def _write(out: Path, images, pipe, prompt, negative, steps, scheduler, guidance, seed, model) -> None:
+def _write(out: Path, images, prompt, negative, steps, scheduler, guidance, seed, model) -> None:
     """Write .npy, or PNGs with AUTOMATIC1111-style parameters."""
     from .images import a1111_parameters, output_paths, save_npy, save_png, to_uint8
+    from .schedulers import a1111_name
 
     if out.suffix.lower() == ".npy":
         save_npy(out, images)
         click.echo(f"wrote {out} {tuple(images.shape)}")
         return
-    name = scheduler or pipe.model.facts.scheduler_config.get("_class_name", "")
     paths = output_paths(out, len(images))
     for i, (path, img) in enumerate(zip(paths, to_uint8(images))):
         s = seed[i] if isinstance(seed, list) else seed
-        params = a1111_parameters(prompt, negative or "", steps, A1111_SAMPLERS.get(name, name), guidance, s,
+        params = a1111_parameters(prompt, negative or "", steps, a1111_name(scheduler), guidance, s,
                                   img.shape[1], img.shape[0], Path(model).name)
         save_png(path, img, params)
         click.echo(f"wrote {path}")

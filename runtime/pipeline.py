@@ -26,7 +26,7 @@ StepCallback = Callable[[int, int, float, np.ndarray], None]   # (step, total, t
 class PipelineOutput:
     """Images as PIL list, (N, H, W, 3) float array, or latents, per output_type."""
     images: object
-    seeds: list | None = None
+    scheduler: str = ""          # the scheduler's registry name, e.g. "pndm"
 
 
 def _as_list(x) -> list:
@@ -130,12 +130,12 @@ class StableDiffusionPipeline:
             if callback:
                 callback(n + 1, steps, t, x)
         if output_type == "latent":
-            return PipelineOutput(x)
+            return PipelineOutput(x, sched.name)
         decoded = self.decode(x)
         if output_type == "np":
-            return PipelineOutput(decoded)
+            return PipelineOutput(decoded, sched.name)
         from PIL import Image
-        return PipelineOutput([Image.fromarray(a) for a in imgs.to_uint8(decoded)])
+        return PipelineOutput([Image.fromarray(a) for a in imgs.to_uint8(decoded)], sched.name)
 
     def _size(self, height, width, image) -> tuple[int, int]:
         """Requested size, else the init image's (rounded down to multiples of 8), else the model's default."""

@@ -101,6 +101,11 @@ class Graph:
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
 
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The session without pinned dimensions (the one built on load)."""
+        return self.sessions[()]
+
     def _session(self, key: tuple) -> ort.InferenceSession:
         """The session for one set of pinned dims (the () key: none pinned)."""
         if key not in self.sessions:

@@ -56,6 +56,7 @@ def test_generate_without_torch(tiny_export, tmp_path):
         assert im.size == (64, 64)
         params = im.text["parameters"]
     assert params.startswith("a cat\n") and "Steps: 3" in params and "Seed: 1" in params and "Size: 64x64" in params
+    assert "Sampler: PLMS" in params
 
 
 def test_batch_gets_numbered_files_and_per_image_seeds(tiny_export, tmp_path):

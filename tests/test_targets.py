@@ -21,7 +21,8 @@ from sdexport.verify import check_structure, is_quantized
 
 COMPONENTS = [s.name for s in SD_COMPONENTS]
 GPU_TARGETS = ("cuda", "tensorrt", "directml")
-GPU_ONLY_OPS = {"NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "MultiHeadAttention"}
+# contrib ops without CPU kernels (Attention and MultiHeadAttention have them, and the cpu profile fuses them)
+GPU_ONLY_OPS = {"NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"}
 # fusion switch -> the com.microsoft op it puts into the UNet
 FUSED_OPS = {"enable_nhwc_conv": "NhwcConv", "enable_group_norm": "GroupNorm", "enable_skip_group_norm": "SkipGroupNorm",
              "enable_bias_splitgelu": "BiasSplitGelu", "enable_bias_add": "BiasAdd",

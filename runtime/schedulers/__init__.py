@@ -14,7 +14,7 @@ and `registry` (the table of names).
 """
 from .base import NoState, Plan, Scheduler
 from .config import SchedulerConfig
-from .registry import REGISTRY, describe, from_config, scheduler_names
+from .registry import REGISTRY, a1111_name, describe, from_config, scheduler_names
 
-__all__ = ["NoState", "Plan", "REGISTRY", "Scheduler", "SchedulerConfig", "describe",
+__all__ = ["NoState", "Plan", "REGISTRY", "Scheduler", "SchedulerConfig", "a1111_name", "describe",
            "from_config", "scheduler_names"]

@@ -24,6 +24,7 @@ class Entry:
     description: str
     overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     aliases: tuple[str, ...] = ()
+    a1111: str = ""               # the sampler's name in AUTOMATIC1111's PNG parameters
 
 
 def _o(**kw: Any) -> Mapping[str, Any]:
@@ -31,22 +32,22 @@ def _o(**kw: Any) -> Mapping[str, Any]:
 
 
 REGISTRY: tuple[Entry, ...] = (
-    Entry("ddim", DDIM, "DDIM, deterministic (Song et al. 2020)"),
-    Entry("ddpm", DDPM, "DDPM ancestral sampling, stochastic (Ho et al. 2020)"),
+    Entry("ddim", DDIM, "DDIM, deterministic (Song et al. 2020)", a1111="DDIM"),
+    Entry("ddpm", DDPM, "DDPM ancestral sampling, stochastic (Ho et al. 2020)", a1111="DDPM"),
     Entry("dpm++2m", DPMSolverMultistep, "DPM-Solver++(2M) multistep (Lu et al. 2022)",
-          _o(algorithm_type="dpmsolver++", solver_order=2)),
+          _o(algorithm_type="dpmsolver++", solver_order=2), a1111="DPM++ 2M"),
     Entry("dpm++2m-karras", DPMSolverMultistep, "DPM-Solver++(2M) with Karras sigmas",
-          _o(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
+          _o(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True), a1111="DPM++ 2M Karras"),
     Entry("dpm++2m-sde", DPMSolverMultistep, "SDE-DPM-Solver++(2M), stochastic",
-          _o(algorithm_type="sde-dpmsolver++", solver_order=2)),
-    Entry("euler", Euler, "Euler in sigma (Karras et al. 2022)", aliases=("k_euler",)),
+          _o(algorithm_type="sde-dpmsolver++", solver_order=2), a1111="DPM++ 2M SDE"),
+    Entry("euler", Euler, "Euler in sigma (Karras et al. 2022)", aliases=("k_euler",), a1111="Euler"),
     Entry("euler-a", EulerAncestral, "Euler ancestral, stochastic (k-diffusion)",
-          aliases=("euler_a", "euler-ancestral", "k_euler_a")),
-    Entry("heun", Heun, "Heun 2nd order, two UNet calls per step (Karras et al. 2022)"),
-    Entry("lcm", LCM, "Latent Consistency Model sampling, for LCM weights (Luo et al. 2023)"),
-    Entry("lms", LMS, "Linear multistep, order 4 (k-diffusion)", aliases=("k_lms",)),
-    Entry("pndm", PNDM, "PNDM / PLMS pseudo linear multistep (Liu et al. 2022)", aliases=("plms",)),
-    Entry("unipc", UniPC, "UniPC predictor-corrector, bh2 (Zhao et al. 2023)"),
+          aliases=("euler_a", "euler-ancestral", "k_euler_a"), a1111="Euler a"),
+    Entry("heun", Heun, "Heun 2nd order, two UNet calls per step (Karras et al. 2022)", a1111="Heun"),
+    Entry("lcm", LCM, "Latent Consistency Model sampling, for LCM weights (Luo et al. 2023)", a1111="LCM"),
+    Entry("lms", LMS, "Linear multistep, order 4 (k-diffusion)", aliases=("k_lms",), a1111="LMS"),
+    Entry("pndm", PNDM, "PNDM / PLMS pseudo linear multistep (Liu et al. 2022)", aliases=("plms",), a1111="PLMS"),
+    Entry("unipc", UniPC, "UniPC predictor-corrector, bh2 (Zhao et al. 2023)", a1111="UniPC"),
 )
 
 _BY_NAME = {n: e for e in REGISTRY for n in (e.name, *e.aliases)}
@@ -68,6 +69,11 @@ def _entry(name: str) -> Entry:
         return _BY_NAME[name.lower()]
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; valid names: {_valid_names()}") from None
+
+
+def a1111_name(name: str) -> str:
+    """AUTOMATIC1111's sampler name for a CLI name (the name itself when it has none)."""
+    return _BY_NAME[name].a1111 if name in _BY_NAME and _BY_NAME[name].a1111 else name
 
 
 def describe(name: str) -> str:
