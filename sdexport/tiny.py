@@ -36,6 +36,14 @@ TEXT_CONFIG = dict(  # bos/eos/pad ids as in the real SD 1.x text encoder config
     max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
     pad_token_id=1)
 
+SDXL_UNET = {  # 6 time ids * addition_time_embed_dim 8 + pooled projection 32 = 80
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"), "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4), "use_linear_projection": True, "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8, "transformer_layers_per_block": (1, 2), "projection_class_embeddings_input_dim": 80,
+    "cross_attention_dim": 64}
+SDXL_VAE = {"scaling_factor": 0.13025, "force_upcast": True}
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear", "use_karras_sigmas": False}
+
 # Each family: overrides of the SD 1.x configs above, as that family's real configs differ from SD 1.5.
 VARIANTS = {
     "tiny": {"pipeline": "StableDiffusionPipeline"},
@@ -47,26 +55,14 @@ VARIANTS = {
     },
     "tiny-sdxl": {  # stable-diffusion-xl-base-1.0: two text encoders, text_time added conditioning
         "pipeline": "StableDiffusionXLPipeline", "text_encoder_2": True, "force_zeros_for_empty_prompt": True,
-        "unet": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": (2, 4),
-                 "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-                 "transformer_layers_per_block": (1, 2), "projection_class_embeddings_input_dim": 80,
-                 "cross_attention_dim": 64},
-        "vae": {"scaling_factor": 0.13025, "force_upcast": True},
-        "scheduler": {"_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
-                      "use_karras_sigmas": False},
+        "unet": SDXL_UNET, "vae": SDXL_VAE, "scheduler": SDXL_SCHEDULER,
     },
     "tiny-sdxl-refiner": {   # stable-diffusion-xl-refiner-1.0: text_encoder_2 only, aesthetic-score time ids
         "pipeline": "StableDiffusionXLImg2ImgPipeline", "text_encoder": False, "text_encoder_2": True,
         "force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True,
-        "unet": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": (2, 4),
-                 "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-                 "transformer_layers_per_block": (1, 2), "projection_class_embeddings_input_dim": 72,
-                 "cross_attention_dim": 32},
-        "vae": {"scaling_factor": 0.13025, "force_upcast": True},
-        "scheduler": {"_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
-                      "use_karras_sigmas": False},
+        # 5 time ids (sizes, crop, aesthetic score) * 8 + pooled 32; cross-attention from text_encoder_2 alone
+        "unet": SDXL_UNET | {"projection_class_embeddings_input_dim": 72, "cross_attention_dim": 32},
+        "vae": SDXL_VAE, "scheduler": SDXL_SCHEDULER,
     },
     "tiny-lcm": {   # an LCM-distilled SD 1.x UNet: guidance embedding input, LCM scheduler
         "pipeline": "LatentConsistencyModelPipeline", "unet": {"time_cond_proj_dim": 32},
