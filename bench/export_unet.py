@@ -59,7 +59,7 @@ def measure(dest: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "bench.export_unet", "--child", str(dest), "--result", str(result)]
-        rc, peak_mb, wall = watch(cmd, Path(tmp) / "log.txt")
+        rc, peak_mb, wall, _ = watch(cmd, Path(tmp) / "log.txt")
         if rc != 0:
             raise SystemExit(f"export failed ({rc}): {(Path(tmp) / 'log.txt').read_text()[-2000:]}")
         child = json.loads(result.read_text())

@@ -54,3 +54,11 @@ def test_sdxl_is_listed_as_skipped():
     preset = bench_cli.load_preset("quick") | {"models": ["sdxl-random"], "backends": ["diffusers-torch"]}
     (spec,) = bench_cli.plan(preset)
     assert spec.reason == "SDXL export not supported yet"
+
+
+def test_gpu_memory_is_summed_over_the_run_s_processes():
+    from bench.runner import gpu_memory_mb
+
+    table = "1234, 812\n99, 4000\n1240, 100\nbad line\n"
+    assert gpu_memory_mb(table, {1234, 1240}) == 912.0
+    assert gpu_memory_mb("", {1234}) == 0.0
