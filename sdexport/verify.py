@@ -1,12 +1,13 @@
 """Verification: run each exported graph with onnxruntime against its PyTorch module."""
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .export import sample_inputs, wrapper
+from .export import sample_inputs, save_model, wrapper
 from .specs import ComponentSpec, dims
 
 
@@ -159,10 +160,12 @@ def fp16_range_check(spec: ComponentSpec, graph: Path, configs: dict, fp32_ops: 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # keep every watched tensor
     opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(dir=graph.parent) as tmp:     # > 2 GB graphs cannot be serialised inline
+        save_model(model, Path(tmp) / "model.onnx")
+        del model
+        session = ort.InferenceSession(str(Path(tmp) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     b, h, w = verify_shapes(configs)[-1]
     d = dims(configs, b, h, w, sequence)
-    from .export import sample_inputs
     feeds = {k: v.numpy() for k, v in sample_inputs(spec, d).items()}
     outs = [a for a in session.run(None, feeds) if a.size and a.dtype == np.float32]
     nan = any(np.isnan(a).any() for a in outs)
