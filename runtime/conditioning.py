@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+from .model import TEXT_ENCODERS
+
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def _encode(model, encoder: str, tokenizer, texts: list, penultimate: bool) -> t
 
 def _encode_all(model, texts: list) -> tuple:
     """States of every text encoder the model has, concatenated on features, and the last encoder's pool."""
-    present = [(e, t) for e, t in ENCODERS if model.has(e)]
+    present = [(e, t) for e, t in TEXT_ENCODERS if model.has(e)]
     penultimate = "time_ids" in model.graph("unet").inputs       # SDXL family: penultimate layer's states
     parts = [_encode(model, e, model.tokenizers[t], texts, penultimate) for e, t in present]
     return np.concatenate([p[0] for p in parts], axis=-1), parts[-1][1]

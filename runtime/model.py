@@ -10,9 +10,8 @@ from .manifest import Manifest, check_files, read_manifest
 from .session import Graph, SessionConfig, choose_providers, make_session
 from .tokenizer import ClipTokenizer
 
-GRAPHS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 REQUIRED = ("unet", "vae_decoder")
-TOKENIZERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+TEXT_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))   # graph folder, tokenizer folder
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: b
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: no such model folder")
     manifest = read_manifest(folder)
-    encoders = [(e, t) for e, t in TOKENIZERS if (folder / e / "model.onnx").is_file()]
+    encoders = [(e, t) for e, t in TEXT_ENCODERS if (folder / e / "model.onnx").is_file()]
     for name in REQUIRED + (() if encoders else ("text_encoder",)):
         if not (folder / name / "model.onnx").is_file():
             raise ModelFolderError(f"{folder}: missing {name}/model.onnx (not an exported Stable Diffusion folder?)")

@@ -116,10 +116,6 @@ class Graph:
         """Rank of a declared input."""
         return len(self.inputs[name].shape)
 
-    def input_dtype(self, name: str):
-        """NumPy dtype of a declared input."""
-        return ORT_TYPES[self.inputs[name].type]
-
     def on_device(self, name: str, value: np.ndarray):
         """An input placed where the graph runs, to reuse across calls (a checked array without IO binding)."""
         value = self._checked(name, np.asarray(value))

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.model import TEXT_ENCODERS as TEXT_PAIRS
 
 ALIASES_FILE = Path(__file__).parent / "data" / "aliases.json"
 REQUIRED = ("unet", "vae", "scheduler")
-TEXT_PAIRS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .export import sample_inputs, save_model, wrapper
-from .specs import ComponentSpec, dims
+from .specs import ComponentSpec, dims, vae_scale_factor
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,6 @@ class Check:
 
 def verify_shapes(configs: dict) -> list[tuple[int, int, int]]:
     """(batch, height, width) to check: the model's native size at batch 2, and a smaller odd one at batch 1."""
-    from .specs import vae_scale_factor
-
     native = configs["unet"]["sample_size"] * vae_scale_factor(configs["vae"])
     step = 8 * 2 ** (len(configs["unet"]["block_out_channels"]) - 1)  # latent sizes the UNet can halve
     small = max(step, (native // 2) // step * step)
