@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from runtime.atomic import staged_dir
-from sdexport.tiny import SCHEDULER_CONFIG, VARIANTS, _model_index, cache_dir, prefix_text_model_keys, tiny_folder
+from sdexport.tiny import SCHEDULER_CONFIG, VARIANTS, _model_index, prefix_text_model_keys, tiny_folder
+from sdexport.cache import cache_dir
 
 SD15_VERSION = 1          # bump when the configs below change: the cache key
 

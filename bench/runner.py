@@ -117,7 +117,7 @@ def export_dir(spec: Spec) -> Path:
     """Cache folder of a model+profile+variant export."""
     from sdexport import __version__
     from sdexport.profiles import load_profile
-    from sdexport.tiny import cache_dir
+    from sdexport.cache import cache_dir
 
     from .models import model_key
 
@@ -299,7 +299,7 @@ def run_task(job: dict) -> dict:
 
         make = lambda: runtime_factory(spec, Path(job["folder"]))  # noqa: E731
         return measure(make, spec, Path(job["work"]))
-    from sdexport.sources import quiet_libraries
+    from sdexport.cache import quiet_libraries
 
     quiet_libraries()
     if job["task"] == "export":

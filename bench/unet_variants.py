@@ -123,7 +123,7 @@ def markdown(results: dict, int8_vs_fp32: dict) -> str:
 
 def main(argv=None) -> int:
     """Export (or reuse) the raw UNet graph, time every variant, write unet_variants.json and .md."""
-    from sdexport.tiny import cache_dir
+    from sdexport.cache import cache_dir
 
     from .export_unet import export_child
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from runtime.atomic import staged_dir
 from runtime.errors import UserError
+
+from .cache import cached_folder
 
 CONVERTER_VERSION = 1     # bump when the conversion below changes: part of the cache key
 DATA = Path(__file__).parent / "data" / "single_file"
@@ -73,12 +74,7 @@ def to_diffusers_folder(path: Path, cache: Path, prediction_type: str | None = N
     if prediction_type:
         hints["prediction_type"] = _prediction_type(prediction_type, path)
     dest = Path(cache) / f"{path.stem}-{cache_key(path, hints)}"
-    if not (dest / "model_index.json").is_file():
-        checkpoint = load_checkpoint(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with staged_dir(dest, replace_existing=True) as tmp:
-            write_folder(checkpoint, path, tmp, hints)
-    return dest
+    return cached_folder(dest, lambda tmp: write_folder(load_checkpoint(path), path, tmp, hints))
 
 
 def cache_key(path: Path, hints: dict) -> str:
@@ -405,7 +401,7 @@ def _expected_shapes(build) -> dict:
     """Parameter and buffer shapes of the model build() makes, without allocating its weights."""
     import torch
 
-    from .sources import quiet_libraries
+    from .cache import quiet_libraries
 
     quiet_libraries()
     with torch.device("meta"):

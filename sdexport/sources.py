@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import UserError
+
+from .cache import cache_dir, quiet_libraries
 from runtime.model import TEXT_ENCODERS as TEXT_PAIRS
 
 ALIASES_FILE = Path(__file__).parent / "data" / "aliases.json"
@@ -58,7 +60,6 @@ def resolve(spec: str) -> Source:
     from .single_file import is_single_file, to_diffusers_folder
 
     if path.is_file() and is_single_file(path):
-        from .tiny import cache_dir
         return Source(spec, "single_file", to_diffusers_folder(path.resolve(), cache_dir() / "single_file"))
     if not path.exists():
         raise UserError(f"model {spec!r} is neither a known alias ({', '.join(sorted(table) + sorted(VARIANTS))}) "
@@ -174,14 +175,3 @@ def _load(cls, path: Path, name: str):
         raise UserError(f"{name} at {path}: checkpoint does not match its config ({', '.join(bad)}: "
                         f"{', '.join(first)}...); refusing to export random weights")
     return model.eval().float().requires_grad_(False)
-
-
-def quiet_libraries() -> None:
-    """Silence the loading progress bars and info logs of transformers and diffusers."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()

@@ -7,10 +7,9 @@ real configs at toy sizes. Each is built offline on first use and cached.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from runtime.atomic import staged_dir
+from .cache import cache_dir, cached_folder, quiet_libraries
 
 TINY_VERSION = 3          # bump when the configs below change: the cache key
 
@@ -72,21 +71,9 @@ VARIANTS = {
 }
 
 
-def cache_dir() -> Path:
-    """Where built-in models are materialised (XDG cache)."""
-    base = os.environ.get("SDEXPORT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdexport")
-    return Path(base)
-
-
 def tiny_folder(name: str = "tiny") -> Path:
     """A built-in tiny model as a diffusers folder, built on first use."""
-    dest = cache_dir() / f"{name}-v{TINY_VERSION}"
-    if not (dest / "model_index.json").is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with staged_dir(dest, replace_existing=True) as tmp:
-            build_tiny(tmp, name)
-    return dest
+    return cached_folder(cache_dir() / f"{name}-v{TINY_VERSION}", lambda tmp: build_tiny(tmp, name))
 
 
 def build_tiny(dest: Path, name: str = "tiny") -> None:
@@ -96,7 +83,6 @@ def build_tiny(dest: Path, name: str = "tiny") -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .clip_vocab import write_clip_tokenizer
-    from .sources import quiet_libraries
 
     quiet_libraries()
     v = VARIANTS[name]
