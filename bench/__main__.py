@@ -16,6 +16,7 @@ from pathlib import Path
 from bench.report import write_report
 from bench.schema import Environment, ImageDiff, Results, Run, Stages
 
+from .models import BUILDERS, skip_reason
 from .runner import Spec, execute
 
 PRESETS = Path(__file__).parent / "presets.toml"
@@ -33,8 +34,6 @@ def load_preset(name: str, config: Path = PRESETS) -> dict:
 
 def plan(preset: dict) -> list[Spec]:
     """Every run of a preset: per model, the reference first, then each runtime profile and variant."""
-    from .models import skip_reason
-
     shape = {k: preset[k] for k in ("width", "height", "steps", "batch", "guidance", "repeats")}
     specs = []
     for model in preset["models"]:
@@ -143,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", help="preset name in the config file (quick, standard)")
     p.add_argument("--config", type=Path, default=PRESETS, help="presets TOML file")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/PRESET)")
-    p.add_argument("--models", help="comma-separated models: tiny, sd15-random, sdxl-random or folder paths")
+    p.add_argument("--models", help=f"comma-separated models: {', '.join(BUILDERS)} or diffusers folder paths")
     p.add_argument("--backends", help="comma-separated: diffusers-torch, runtime-ort, runtime-ort:PROFILE")
     p.add_argument("--repeats", type=int, help="steady-state repeats per run")
     p.add_argument("--machine-id", help="machine id in the results (default: host name)")

@@ -26,7 +26,7 @@ def unet_dims(batch: int = 1, size: int = 512) -> dict:
 
 def export_child(dest: Path) -> dict:
     """Build the UNet and export it with sdexport's TorchScript path; returns build and export seconds."""
-    from sdexport.export import export_component, sample_inputs
+    from sdexport.export import export_component
     from sdexport.specs import UNET
 
     from .models import sd15_unet
@@ -36,7 +36,7 @@ def export_child(dest: Path) -> dict:
     built = time.perf_counter()
     error = None
     try:
-        export_component(UNET, unet, sample_inputs(UNET, unet_dims()), dest, opset=17)
+        export_component(UNET, unet, UNET.sample_inputs(unet_dims()), dest, opset=17)
     except Exception as exc:  # recorded in the result file: a failed export is a result too
         error = f"{type(exc).__name__}: {exc} (in {_where(exc)})"
     done = time.perf_counter()

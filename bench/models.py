@@ -1,13 +1,12 @@
-"""Benchmark models: the built-in tiny, SD 1.5 with random weights, local folders, and known skips."""
+"""Benchmark models: the built-in tiny family, SD 1.5 with random weights, and local diffusers folders."""
 from __future__ import annotations
 
 import hashlib
-import json
+from functools import partial
 from pathlib import Path
 
-from runtime.atomic import staged_dir
-from sdexport.tiny import SCHEDULER_CONFIG, VARIANTS, _model_index, prefix_text_model_keys, tiny_folder
-from sdexport.cache import cache_dir
+from sdexport.cache import cache_dir, cached_folder
+from sdexport.tiny import SCHEDULER_CONFIG, VARIANTS, build_pipeline, random_unet, tiny_folder
 
 SD15_VERSION = 1          # bump when the configs below change: the cache key
 
@@ -28,57 +27,35 @@ SD15_TEXT = dict(         # text_encoder/config.json (CLIP ViT-L/14 text tower)
     max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
     bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
-SKIPPED = {"sdxl-random": "SDXL export not supported yet"}
-
 
 def sd15_unet():
     """The full-size SD 1.5 UNet with seeded random weights."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**SD15_UNET).eval()
+    return random_unet(SD15_UNET).eval()
 
 
 def sd15_folder() -> Path:
     """SD 1.5 with random weights as a diffusers folder, built once into the cache."""
-    dest = cache_dir() / f"sd15-random-v{SD15_VERSION}"
-    if not (dest / "model_index.json").is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with staged_dir(dest, replace_existing=True) as tmp:
-            build_sd15(tmp)
-    return dest
+    return cached_folder(cache_dir() / f"sd15-random-v{SD15_VERSION}", build_sd15)
 
 
 def build_sd15(dest: Path) -> None:
     """Save UNet, VAE, text encoder, tokenizer and scheduler in the real SD 1.5 layout."""
-    import torch
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sdexport.clip_vocab import write_clip_tokenizer
-
-    sd15_unet().save_pretrained(dest / "unet")
-    torch.manual_seed(1)
-    AutoencoderKL(**SD15_VAE).save_pretrained(dest / "vae")
-    torch.manual_seed(2)
-    CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).save_pretrained(dest / "text_encoder")
-    prefix_text_model_keys(dest / "text_encoder" / "model.safetensors")
-    write_clip_tokenizer(dest / "tokenizer")
-    (dest / "scheduler").mkdir()
-    (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-    (dest / "model_index.json").write_text(json.dumps(_model_index(VARIANTS["tiny"], SCHEDULER_CONFIG["_class_name"]), indent=2))
+    build_pipeline(dest, unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, scheduler=SCHEDULER_CONFIG,
+                   facts=VARIANTS["tiny"])
 
 
-BUILDERS = {"tiny": tiny_folder, "sd15-random": sd15_folder}
+# the bench times text-to-image, which an image-to-image-only pipeline (the SDXL refiner) does not do
+IMAGE_TO_IMAGE = {name for name, v in VARIANTS.items() if v["pipeline"].endswith("Img2ImgPipeline")}
+BUILDERS = {name: partial(tiny_folder, name) for name in VARIANTS if name not in IMAGE_TO_IMAGE}
+BUILDERS["sd15-random"] = sd15_folder
 
 
 def skip_reason(name: str) -> str | None:
     """Why a model cannot be benchmarked here, or None."""
-    if name in SKIPPED:
-        return SKIPPED[name]
+    if name in IMAGE_TO_IMAGE:
+        return f"{name} is an image-to-image pipeline; the bench measures text-to-image"
     if name not in BUILDERS and not (Path(name) / "model_index.json").is_file():
-        return f"unknown model {name!r}: not one of {', '.join([*BUILDERS, *SKIPPED])} nor a diffusers folder"
+        return f"unknown model {name!r}: not one of {', '.join(BUILDERS)} nor a diffusers folder"
     return None
 
 

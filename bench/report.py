@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
-import shutil
 import sys
-import tempfile
 from datetime import timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from bench.schema import Results, Run, Stages, dumps, parse_time, read_json
+from runtime.atomic import atomic_file
+from runtime.errors import UserError
 
 GroupKey = tuple  # (model, width, height, steps, batch)
 COLUMNS = ("machine", "backend", "provider", "profile", "variant", "status", "session create",
@@ -226,11 +227,14 @@ def chart_name(key: GroupKey) -> str:
 
 def charts(results: Results, out_dir: str | os.PathLike) -> list[Path]:
     """Write PNG charts (stage breakdown per group, speed-ups); charts without data are skipped."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    made = [_stage_chart(key, runs, out / chart_name(key)) for key, runs in groups(results).items()]
-    made.append(_speedup_chart(results, out / SPEEDUP_CHART))
-    return [path for path in made if path is not None]
+    return write_files(out_dir, rendered_charts(results))
+
+
+def rendered_charts(results: Results) -> dict[str, bytes]:
+    """PNG bytes by file name: a stage chart per group, then the speed-up chart; charts without data left out."""
+    made = {chart_name(key): _stage_chart(key, runs) for key, runs in groups(results).items()}
+    made[SPEEDUP_CHART] = _speedup_chart(results)
+    return {name: png for name, png in made.items() if png is not None}
 
 
 def _figure(bars: int):
@@ -240,10 +244,11 @@ def _figure(bars: int):
     return Figure(figsize=(10, 1.6 + 0.55 * bars), layout="constrained")
 
 
-def _save(fig, path: Path) -> Path:
-    """Save a figure as a reproducible PNG."""
-    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
-    return path
+def _png(fig) -> bytes:
+    """A figure as reproducible PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
 
 
 def _stage_parts(run: Run) -> list[float]:
@@ -256,7 +261,7 @@ def _stage_parts(run: Run) -> list[float]:
     return known + [max(run.steady_s - sum(known), 0.0)]
 
 
-def _stage_chart(key: GroupKey, runs: list[Run], path: Path) -> Path | None:
+def _stage_chart(key: GroupKey, runs: list[Run]) -> bytes | None:
     """Stacked per-stage bars for the measured runs of one group."""
     runs = [run for run in runs if run.status == "ok" and run.steady_s is not None]
     if not runs:
@@ -270,7 +275,7 @@ def _stage_chart(key: GroupKey, runs: list[Run], path: Path) -> Path | None:
         left = [a + b for a, b in zip(left, values)]
     _bar_axes(ax, [describe(run) for run in runs], "seconds (steady end-to-end)", group_title(key))
     ax.legend(loc="best", fontsize="small")
-    return _save(fig, path)
+    return _png(fig)
 
 
 def _bar_axes(ax, labels: list[str], xlabel: str, title: str) -> None:
@@ -281,7 +286,7 @@ def _bar_axes(ax, labels: list[str], xlabel: str, title: str) -> None:
     ax.set_title(title)
 
 
-def _speedup_chart(results: Results, path: Path) -> Path | None:
+def _speedup_chart(results: Results) -> bytes | None:
     """Speed-up of every measured run over its machine's reference, coloured by backend."""
     refs = references(results)
     entries = [(key, run, speedup(run, reference_for(refs, run)))
@@ -303,7 +308,7 @@ def _speedup_chart(results: Results, path: Path) -> Path | None:
     _bar_axes(ax, labels, "speed-up vs same-machine diffusers-torch reference", "Speed-up")
     handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
     ax.legend(handles.values(), handles.keys(), loc="best", fontsize="small")
-    return _save(fig, path)
+    return _png(fig)
 
 
 # ---- output -------------------------------------------------------------------------------
@@ -311,18 +316,19 @@ def _speedup_chart(results: Results, path: Path) -> Path | None:
 
 def write_report(results: Results, out_dir: str | os.PathLike) -> list[Path]:
     """Write results.json, report.md and charts; nothing is replaced unless all rendered."""
+    pngs = rendered_charts(results)
+    return write_files(out_dir, pngs | {"results.json": dumps(results).encode("utf-8"),
+                                        "report.md": markdown(results, list(pngs)).encode("utf-8")})
+
+
+def write_files(out_dir: str | os.PathLike, files: dict[str, bytes]) -> list[Path]:
+    """Write each named file into `out_dir` (created if missing), each one atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", suffix=".tmp", dir=out))
-    try:
-        names = [path.name for path in charts(results, tmp)]
-        (tmp / "results.json").write_text(dumps(results), encoding="utf-8")
-        (tmp / "report.md").write_text(markdown(results, names), encoding="utf-8")
-        for name in [*names, "results.json", "report.md"]:
-            os.replace(tmp / name, out / name)
-        return [out / name for name in [*names, "results.json", "report.md"]]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for name, data in files.items():
+        with atomic_file(out / name) as f:
+            f.write(data)
+    return [out / name for name in files]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -350,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         written = write_report(load_results(args.inputs), args.out)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UserError) as exc:
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
     print(f"wrote {len(written)} files to {args.out}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import statistics
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 PROMPT, NEGATIVE = "a lighthouse at dusk, oil painting", "blurry"
+SEED = 0                  # of the noise stochastic schedulers draw after the shared initial latents
 POLL_S = 0.05
 
 
@@ -151,9 +153,9 @@ def execute(spec: Spec, work: Path, ref_image: Path | None) -> dict:
 
 def image_diff(ref: np.ndarray, got: np.ndarray) -> dict:
     """Max abs difference and PSNR of two [0, 1] images."""
-    err = np.asarray(got, np.float64) - np.asarray(ref, np.float64)
-    mse = float(np.mean(err ** 2))
-    return {"max_abs": float(np.abs(err).max()), "psnr_db": float("inf") if mse == 0 else 10 * np.log10(1 / mse)}
+    from runtime.metrics import max_abs, psnr
+
+    return {"max_abs": max_abs(ref, got), "psnr_db": psnr(ref, got, peak=1.0)}
 
 
 # ---- child side ---------------------------------------------------------------------------
@@ -228,17 +230,21 @@ def _timed(call) -> tuple[float, np.ndarray]:
 
 
 def diffusers_factory(spec: Spec, folder: Path):
-    """(timers, call) for diffusers' StableDiffusionPipeline with its pieces wrapped."""
+    """(timers, call) for the folder's diffusers pipeline class with its pieces wrapped."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     timers = Timers()
-    timers.wrap(pipe.text_encoder, "forward", "text")
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            timers.wrap(getattr(pipe, name), "forward", "text")
     timers.wrap(pipe.unet, "forward", "unet")
     timers.wrap(pipe.vae, "decode", "vae")
     latents = torch.from_numpy(initial_latents(spec))
+    # LCM pipelines take no negative prompt (guidance is an embedding, not CFG)
+    negative = {"negative_prompt": [NEGATIVE] * spec.batch} if _accepts(pipe, "negative_prompt") else {}
 
     def on_step(_pipe, _i, _t, kwargs):
         timers.step_end()
@@ -246,10 +252,16 @@ def diffusers_factory(spec: Spec, folder: Path):
 
     def call():
         with torch.no_grad():
-            return pipe([PROMPT] * spec.batch, negative_prompt=[NEGATIVE] * spec.batch, latents=latents,
-                        num_inference_steps=spec.steps, guidance_scale=spec.guidance, height=spec.height,
-                        width=spec.width, output_type="np", callback_on_step_end=on_step).images
+            return pipe([PROMPT] * spec.batch, latents=latents, num_inference_steps=spec.steps,
+                        guidance_scale=spec.guidance, height=spec.height, width=spec.width, output_type="np",
+                        generator=torch.Generator("cpu").manual_seed(SEED), callback_on_step_end=on_step,
+                        **negative).images
     return timers, call
+
+
+def _accepts(pipe, argument: str) -> bool:
+    """Whether a diffusers pipeline's call takes `argument`."""
+    return argument in inspect.signature(pipe.__call__).parameters
 
 
 def runtime_factory(spec: Spec, folder: Path):
@@ -270,7 +282,7 @@ def runtime_factory(spec: Spec, folder: Path):
     def call():
         return pipe([PROMPT] * spec.batch, negative_prompt=[NEGATIVE] * spec.batch, latents=latents,
                     num_inference_steps=spec.steps, guidance_scale=spec.guidance, height=spec.height,
-                    width=spec.width, output_type="np", callback=timers.step_end).images
+                    width=spec.width, seed=SEED, output_type="np", callback=timers.step_end).images
     return timers, call
 
 

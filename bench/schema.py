@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from runtime.atomic import atomic_file
 
 SCHEMA_VERSION = 1
 BACKENDS = ("diffusers-torch", "runtime-ort")
@@ -368,15 +369,9 @@ def read_json(path: str | os.PathLike) -> Results:
 
 
 def write_json(results: Results, path: str | os.PathLike) -> Path:
-    """Write a result file atomically (temp file in the same folder, then os.replace)."""
+    """Write a result file atomically: it appears complete or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(dumps(results))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as out:
+        out.write(dumps(results).encode("utf-8"))
     return path

@@ -21,6 +21,13 @@ def _disk_full(e: BaseException, dest: Path, existed: bool, what: str) -> UserEr
     return UserError(f"disk full while writing {dest} ({e.strerror or 'no space left on device'}); {kept}")
 
 
+def _umask_mode(directory: bool) -> int:
+    """Permissions a plain mkdir / open gets under the umask (0755 / 0644 under 022), as save_pretrained's files."""
+    mask = os.umask(0o022)          # reading the umask means setting it; put back at once
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def check_writable_parent(dest: Path) -> None:
     """Fail early, in one line, if `dest` cannot be created."""
     parent = Path(dest).resolve().parent
@@ -43,6 +50,7 @@ def staged_dir(dest: Path, replace_existing: bool = False):
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.resolve().parent))
+        os.chmod(tmp, _umask_mode(directory=True))          # mkdtemp makes it private (0700)
         yield tmp
         _swap_in(tmp, dest)
     except BaseException as e:
@@ -82,6 +90,7 @@ def atomic_file(dest: Path, mode: str = "wb"):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.resolve().parent)
         with os.fdopen(fd, mode) as f:
+            os.chmod(tmp, _umask_mode(directory=False))     # mkstemp makes it private (0600)
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -9,7 +9,7 @@ import click
 
 from .cliutil import FriendlyGroup, debug_option
 from .errors import UserError
-
+from .request import DEFAULTS, STRENGTH
 
 
 @click.group(cls=FriendlyGroup)
@@ -34,15 +34,15 @@ def _parse_seed(text: str | None, count: int):
 
 
 def _valid_text(text: str | None, flag: str) -> str | None:
-    """Text safe to encode as UTF-8: bytes that were not valid UTF-8 in argv (lone surrogates) become U+FFFD."""
+    """Text safe to encode as UTF-8 (see repair_surrogates), with a warning when argv held undecodable bytes."""
+    from .tokenizer import repair_surrogates
+
     if text is None:
         return None
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
+    fixed = repair_surrogates(text)
+    if fixed != text:
         click.echo(f"warning: {flag} is not valid UTF-8; the undecodable bytes were replaced by U+FFFD", err=True)
-        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return fixed
 
 
 def _load_latents(path: str | None):
@@ -61,16 +61,19 @@ def _load_latents(path: str | None):
 @click.option("--prompt", required=True, help="What to draw.")
 @click.option("--negative-prompt", default=None, help="What to avoid.")
 @click.option("--steps", default=25, show_default=True, type=int, help="Denoising steps.")
-@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option("--guidance", default=DEFAULTS["guidance_scale"], show_default=True, type=float,
+              help="Classifier-free guidance scale.")
 @click.option("--seed", default=None, help="Integer seed (torch-compatible noise) or one per image: 1,2,3.")
 @click.option("--generator", "gen_kind", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True,
               help="Noise source: bit-exact with torch's CPU generator, or NumPy's.")
 @click.option("--scheduler", default=None, help="Scheduler name (see `runtime schedulers`); default: the folder's.")
 @click.option("--width", type=int, default=None, help="Image width (multiple of 8).")
 @click.option("--height", type=int, default=None, help="Image height (multiple of 8).")
-@click.option("--batch", default=1, show_default=True, type=int, help="Images per prompt.")
+@click.option("--batch", default=DEFAULTS["num_images_per_prompt"], show_default=True, type=int,
+              help="Images per prompt.")
 @click.option("--init-image", type=click.Path(), default=None, help="img2img / inpainting source image.")
-@click.option("--strength", type=float, default=None, help="img2img strength in [0, 1] (default 0.8; 1.0 with --mask).")
+@click.option("--strength", type=float, default=None,
+              help=f"img2img strength in [0, 1] (default {STRENGTH['img2img']}; {STRENGTH['inpaint']} with --mask).")
 @click.option("--mask", type=click.Path(), default=None, help="Inpainting mask (white = repaint).")
 @click.option("--latents", type=click.Path(), default=None, help="Initial latents as .npy (N, 4, H/8, W/8).")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, tensorrt or directml.")
@@ -85,7 +88,7 @@ def generate(model, prompt, negative_prompt, steps, guidance, seed, gen_kind, sc
     from .atomic import check_writable_parent
     from .images import open_image
     from .pipeline import StableDiffusionPipeline
-    from .randn import make_generator
+    from .request import GenerationRequest
 
     out = Path(out)
     if out.suffix.lower() not in (".png", ".npy"):
@@ -93,7 +96,6 @@ def generate(model, prompt, negative_prompt, steps, guidance, seed, gen_kind, sc
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name ending in .png or .npy")
     check_writable_parent(out)
-    prompt, negative_prompt = _valid_text(prompt, "--prompt"), _valid_text(negative_prompt, "--negative-prompt")
     for name, value in (("--width", width), ("--height", height)):
         if value is not None and (value <= 0 or value % 8):
             raise UserError(f"{name} must be a positive multiple of 8, got {value}")
@@ -104,41 +106,60 @@ def generate(model, prompt, negative_prompt, steps, guidance, seed, gen_kind, sc
     if mask_image is not None and image is not None and mask_image.size != image.size:
         raise UserError(f"--mask is {mask_image.size[0]}x{mask_image.size[1]} but --init-image is "
                         f"{image.size[0]}x{image.size[1]}; they must be the same size")
-    if strength is None:
-        strength = 1.0 if mask_image is not None or image is None else 0.8
     seed_value = _parse_seed(seed, batch)
+    request = GenerationRequest.create(
+        _valid_text(prompt, "--prompt"), negative_prompt=_valid_text(negative_prompt, "--negative-prompt"),
+        height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
+        seed=seed_value, generator_kind=gen_kind, latents=_load_latents(latents), image=image,
+        mask_image=mask_image, strength=strength, scheduler=scheduler, output_type="np")
     pipe = StableDiffusionPipeline.from_pretrained(model, provider=provider, threads=threads, verify=not no_verify)
-    gen = make_generator(seed_value, batch=batch if isinstance(seed_value, list) else None, kind=gen_kind)
-    with warnings.catch_warnings(record=True) as caught:   # e.g. prompt truncation: one "warning:" line each
+    result = _run_reporting(pipe, request, quiet)
+    _write(out, result.images, request, result.scheduler, model)
+
+
+def _run_reporting(pipe, request, quiet: bool):
+    """pipe.run with a progress bar, and each Python warning (e.g. prompt truncation) as one `warning:` line."""
+    bar = None if quiet else _ProgressBar()
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            result = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
-                          num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
-                          generator=gen, latents=_load_latents(latents), image=image, mask_image=mask_image,
-                          strength=strength, scheduler=scheduler, output_type="np",
-                          callback=None if quiet else _progress_bar(steps))
+            result = pipe.run(request, callback=bar)
+        except BaseException:
+            if bar is not None:
+                bar.close(failed=True)
+            raise
         finally:
             for w in caught:
                 click.echo(f"warning: {str(w.message).splitlines()[0] if str(w.message) else w.category.__name__}",
                            err=True)
-    _write(out, result.images, prompt, negative_prompt, steps, result.scheduler, guidance, seed_value, model)
+    return result
 
 
-def _progress_bar(steps: int):
-    """A tqdm bar on stderr driven by the pipeline's step callback."""
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm bar on stderr, drawn from the first finished step on: nothing is drawn for work that never runs."""
 
-    bar = tqdm(total=None, desc="denoising", unit="step", leave=False)
+    def __init__(self):
+        self.bar = None
 
-    def callback(step, total, t, latents):
-        bar.total = total
-        bar.update(1)
+    def __call__(self, step, total, t, latents):
+        """The pipeline's step callback."""
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc="denoising", unit="step", leave=False)
+        self.bar.update(1)
         if step == total:
-            bar.close()
-    return callback
+            self.close()
+
+    def close(self, failed: bool = False) -> None:
+        """Remove the bar (if drawn), so that what follows (an error) starts on its own line, in a log file too."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            if failed and not click.get_text_stream("stderr").isatty():
+                click.echo("", err=True)
 
 
-def _write(out: Path, images, prompt, negative, steps, scheduler, guidance, seed, model) -> None:
+def _write(out: Path, images, request, scheduler: str, model) -> None:
     """Write .npy, or PNGs with AUTOMATIC1111-style parameters."""
     from .images import a1111_parameters, output_paths, save_npy, save_png, to_uint8
     from .schedulers import a1111_name
@@ -147,11 +168,12 @@ def _write(out: Path, images, prompt, negative, steps, scheduler, guidance, seed
         save_npy(out, images)
         click.echo(f"wrote {out} {tuple(images.shape)}")
         return
-    paths = output_paths(out, len(images))
+    seed, paths = request.seed, output_paths(out, len(images))
     for i, (path, img) in enumerate(zip(paths, to_uint8(images))):
-        s = seed[i] if isinstance(seed, list) else seed
-        params = a1111_parameters(prompt, negative or "", steps, a1111_name(scheduler), guidance, s,
-                                  img.shape[1], img.shape[0], Path(model).name)
+        params = a1111_parameters(request.prompt[0], request.negative_prompt or "", request.num_inference_steps,
+                                  a1111_name(scheduler), request.guidance_scale,
+                                  seed[i] if isinstance(seed, tuple) else seed, img.shape[1], img.shape[0],
+                                  Path(model).name)
         save_png(path, img, params)
         click.echo(f"wrote {path}")
 

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model import TEXT_ENCODERS
-
+from .layout import TEXT_ENCODERS
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
 def _encode(model, encoder: str, tokenizer, texts: list, penultimate: bool) -> tuple:
     """(states, pooled) of one text encoder: last (or penultimate) hidden states and its pooled output."""
     graph = model.graph(encoder)
-    out = graph(input_ids=tokenizer(texts))
+    out = graph(input_ids=graph.cast("input_ids", tokenizer(texts)))       # int64 ids; Optimum may declare int32
     pooled = out.get("text_embeds", out.get("pooler_output"))
     if not penultimate:
         return out["last_hidden_state"], pooled

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ModelFolderError
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, edited_configs, read_manifest
 
 
 def describe_folder(folder: Path) -> str:
@@ -21,10 +21,11 @@ def describe_folder(folder: Path) -> str:
 
 
 def describe_manifest(folder: Path, m: Manifest) -> str:
-    """Lines: source, target, precision, shapes, each graph's I/O, versions."""
+    """Lines: source, licence, target, precision, shapes, each graph's I/O, edited configs, versions."""
     src = m.source
     lines = [f"{folder}", f"  source      {src.get('spec')} ({src.get('kind')}"
              + (f", {src['repo_id']}" if src.get("repo_id") else "") + ")",
+             f"  license     {m.license}",
              f"  target      {m.target} (profile {m.profile.get('name')}, sha256 {m.profile.get('hash', '')[:12]})",
              f"  precision   {m.precision}"]
     lines += [f"  {axis:<11} {lo} .. {hi} (opt {opt})" for axis, (lo, opt, hi) in m.shape_ranges.items()]
@@ -39,5 +40,6 @@ def describe_manifest(folder: Path, m: Manifest) -> str:
     if checks:
         worst = max(checks, key=lambda c: c["max_abs"])
         lines.append(f"  verified    {len(checks)} checks, worst {worst['component']} {worst['max_abs']:.2e}")
+    lines += [f"  edited      {rel} (edited since export)" for rel in edited_configs(folder, m)]
     lines.append("  versions    " + ", ".join(f"{k} {v}" for k, v in m.tool_versions.items() if v))
     return "\n".join(lines)

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from fnmatch import fnmatchcase
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import ModelFolderError
 
 MANIFEST_NAME = "sdexport.json"
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "int64", "int32")
+EDITABLE_CONFIGS = (("model_index.json",), ("scheduler", "scheduler_config.json"), ("*", "config.json"))  # per part
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,10 @@ class Manifest:
     verification: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     sdexport_version: str = ""
+    license: str = "unknown"    # the source model's licence id (e.g. "creativeml-openrail-m")
 
     def to_dict(self) -> dict:
-        """Plain JSON-serialisable form."""
+        """The sdexport.json form: exactly what manifest_from_dict reads back."""
         d = asdict(self)
         d["graphs"] = {k: _graph_dict(g) for k, g in self.graphs.items()}
         return d
@@ -107,7 +110,7 @@ def _require(d: dict, keys: tuple, where: str) -> None:
 
 _TYPES = {"format_version": int, "target": str, "precision": str, "shape_ranges": dict, "graphs": dict,
           "files": dict, "source": dict, "profile": dict, "session": dict, "provider_options": dict,
-          "tool_versions": dict, "verification": dict, "sdexport_version": str}
+          "tool_versions": dict, "verification": dict, "sdexport_version": str, "license": str}
 
 
 def manifest_from_dict(d: dict) -> Manifest:
@@ -166,14 +169,29 @@ def file_record(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": file_digest(path)}
 
 
+def integrity_checked(relpath: str) -> bool:
+    """Whether a listed file is checked by size and SHA-256: all but the small JSON configs a user may edit."""
+    parts = PurePosixPath(relpath).parts
+    return not any(len(parts) == len(p) and all(map(fnmatchcase, parts, p)) for p in EDITABLE_CONFIGS)
+
+
+def edited_configs(folder: Path, manifest: Manifest) -> list[str]:
+    """The listed user-editable configs whose content differs from the export."""
+    return [rel for rel, rec in manifest.files.items() if not integrity_checked(rel)
+            and (Path(folder) / rel).is_file() and file_record(Path(folder) / rel) != rec]
+
+
 def check_files(folder: Path, manifest: Manifest, hashes: bool = True) -> None:
-    """Fail if a file the manifest lists is missing, of the wrong size, or (with hashes) altered."""
+    """Fail if a listed file is missing, or a graph or tokenizer file has the wrong size or (with hashes) content."""
     for rel, rec in manifest.files.items():
         path = Path(folder) / rel
         if not path.is_file():
             raise ModelFolderError(f"{folder}: missing file {rel} (incomplete copy?)")
+        if not integrity_checked(rel):
+            continue
         size = path.stat().st_size
         if size != rec["size"]:
-            raise ModelFolderError(f"{path}: size {size} differs from the manifest's {rec['size']} (truncated or half-copied?)")
+            raise ModelFolderError(f"{path}: size {size} differs from the manifest's {rec['size']} "
+                                   "(truncated or half-copied?)")
         if hashes and file_digest(path) != rec["sha256"]:
             raise ModelFolderError(f"{path}: SHA-256 differs from the manifest (corrupted or modified file)")

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelFolderError
+from .layout import TEXT_ENCODERS, vae_scale_factor
 from .manifest import Manifest, check_files, read_manifest
 from .session import Graph, SessionConfig, choose_providers, make_session
 from .tokenizer import ClipTokenizer
 
 REQUIRED = ("unet", "vae_decoder")
-TEXT_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))   # graph folder, tokenizer folder
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,16 @@ class ModelFacts:
 
 
 def _read_json(path: Path) -> dict:
-    """A config file, or a one-line error naming it."""
+    """A config file's JSON object, or a one-line error naming it."""
     if not path.is_file():
         raise ModelFolderError(f"{path.parent.parent}: missing {path.parent.name}/{path.name}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFolderError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_facts(folder: Path) -> ModelFacts:
@@ -46,13 +49,16 @@ def read_facts(folder: Path) -> ModelFacts:
     vae = _read_json(folder / "vae_decoder" / "config.json")
     unet = _read_json(folder / "unet" / "config.json")
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    return ModelFacts(
-        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
-        unet_in_channels=int(unet["in_channels"]), latent_channels=int(vae.get("latent_channels", 4)),
-        sample_size=int(unet.get("sample_size", 64)),
-        scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"),
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        return ModelFacts(
+            scaling_factor=float(vae.get("scaling_factor", 0.18215)), vae_scale_factor=vae_scale_factor(vae),
+            unet_in_channels=int(unet["in_channels"]), latent_channels=int(vae.get("latent_channels", 4)),
+            sample_size=int(unet.get("sample_size", 64)), scheduler_config=scheduler,
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{folder}: unet/config.json or vae_decoder/config.json has a missing or malformed "
+                               f"value ({type(e).__name__}: {e})") from None
 
 
 @dataclass

@@ -5,7 +5,6 @@ References: diffusers StableDiffusionPipeline / StableDiffusionImg2ImgPipeline /
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,7 +15,8 @@ from . import images as imgs
 from .conditioning import Conditioning, encode, uses_guidance
 from .errors import UserError
 from .model import Model, open_model
-from .randn import BatchGenerator, make_generator
+from .randn import BatchGenerator
+from .request import GenerationRequest, check_size
 from .schedulers import Scheduler, from_config
 
 StepCallback = Callable[[int, int, float, np.ndarray], None]   # (step, total, timestep, latents)
@@ -27,11 +27,6 @@ class PipelineOutput:
     """Images as PIL list, (N, H, W, 3) float array, or latents, per output_type."""
     images: object
     scheduler: str = ""          # the scheduler's registry name, e.g. "pndm"
-
-
-def _as_list(x) -> list:
-    """A prompt or list of prompts as a list."""
-    return [x] if isinstance(x, str) else list(x or [])
 
 
 class StableDiffusionPipeline:
@@ -49,18 +44,20 @@ class StableDiffusionPipeline:
     def unet_constants(self, cond: Conditioning) -> dict:
         """The UNet inputs that stay the same for every step, placed on the device once."""
         g = self.model.graph("unet")
-        return {k: g.on_device(k, v) for k, v in ({"encoder_hidden_states": cond.embeds} | cond.extra).items()}
+        feeds = {"encoder_hidden_states": cond.embeds} | cond.extra
+        return {k: g.on_device(k, g.cast(k, v)) for k, v in feeds.items()}
 
     def unet(self, latents: np.ndarray, t: float, constants: dict, channels: np.ndarray | None) -> np.ndarray:
         """One UNet call; the timestep is shaped as the graph declares it (rank 0 or per batch)."""
         g = self.model.graph("unet")
         x = latents if channels is None else np.concatenate([latents, channels], axis=1)
         ts = np.float32(t) if g.input_rank("timestep") == 0 else np.full((x.shape[0],), t, dtype=np.float32)
-        return g(sample=x, timestep=ts, **constants)["out_sample"]
+        return g(sample=g.cast("sample", x), timestep=g.cast("timestep", ts), **constants)["out_sample"]
 
     def encode_image(self, pixels: np.ndarray, gen, batch: int) -> np.ndarray:
         """VAE-encode (1, 3, H, W) pixels and sample scaled latents (batch, 4, h, w) from the generator."""
-        params = self.model.graph("vae_encoder")(sample=pixels)["latent_parameters"]
+        enc = self.model.graph("vae_encoder")
+        params = enc(sample=enc.cast("sample", pixels))["latent_parameters"]
         mean, logvar = np.split(params.astype(np.float32), 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         if isinstance(gen, BatchGenerator):
@@ -74,7 +71,8 @@ class StableDiffusionPipeline:
         """Latents -> (N, H, W, 3) float images in [0, 1], one image at a time to bound memory."""
         dec = self.model.graph("vae_decoder")
         scaled = latents / self.model.facts.scaling_factor
-        out = np.concatenate([dec(latent_sample=scaled[i:i + 1])["sample"] for i in range(len(scaled))])
+        out = np.concatenate([dec(latent_sample=dec.cast("latent_sample", scaled[i:i + 1]))["sample"]
+                              for i in range(len(scaled))])
         if not np.isfinite(out).all():
             raise UserError("the VAE decoder produced NaN/Inf (fp16 overflow in vae_decoder?); "
                             "export with the VAE kept in fp32")
@@ -82,87 +80,85 @@ class StableDiffusionPipeline:
 
     # -- the call -------------------------------------------------------------------
     def __call__(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
-                 generator=None, seed=None, latents: np.ndarray | None = None, image=None, mask_image=None,
-                 strength: float = 1.0, scheduler=None, output_type: str = "pil",
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 num_images_per_prompt: int | None = None, generator=None, seed=None,
+                 latents: np.ndarray | None = None, image=None, mask_image=None, strength: float | None = None,
+                 scheduler=None, output_type: str | None = None,
                  callback: StepCallback | None = None) -> PipelineOutput:
         """Generate images; `image` switches to img2img, `image` + `mask_image` to inpainting.
 
+        None means diffusers' default (runtime.request.DEFAULTS; strength 0.8 for img2img, 1.0 otherwise).
         `scheduler` is a name (see runtime.schedulers.scheduler_names), a Scheduler, or None for the folder's own.
         """
-        prompts = _as_list(prompt)
-        total = len(prompts) * num_images_per_prompt
-        height, width = self._size(height, width, image)
-        self._check_args(prompts, num_inference_steps, guidance_scale, strength, output_type, image, mask_image,
-                         height, width)
-        self.model.check_shape(total, height, width)
-        gen = generator or make_generator(0 if seed is None else seed, batch=total if isinstance(seed, list) else None)
+        request = GenerationRequest.create(
+            prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents, image=image,
+            mask_image=mask_image, strength=strength, scheduler=scheduler, output_type=output_type)
+        return self.run(request, generator=generator, callback=callback)
+
+    def run(self, request: GenerationRequest, generator=None, callback: StepCallback | None = None) -> PipelineOutput:
+        """Generate what `request` asks for; `generator` (a runtime.randn generator) overrides its seed."""
+        r = request
+        height, width = self._size(r)
+        f = self.model.facts.vae_scale_factor
+        check_size(height, width, f)
+        self.model.check_shape(r.total_images, height, width)
+        gen = generator or r.generator()
+        sched, plan = self._schedule(r)
+        start = sched.img2img_start(plan, r.effective_strength) if r.image is not None else 0
+        if start >= len(plan.timesteps):
+            raise UserError(f"strength {r.effective_strength} with {r.num_inference_steps} steps leaves no "
+                            "denoising step")
+        cond = encode(self.model, list(r.prompt), r.negative_prompt, r.num_images_per_prompt, height, width,
+                      r.guidance_scale)
+        shape = (r.total_images, self.model.facts.latent_channels, height // f, width // f)
+        state = _Prepared.build(self, r, sched, plan, start, gen, shape)
+        x = self._denoise(r, sched, plan, start, state, self.unet_constants(cond), gen, callback)
+        if r.output_type == "latent":
+            return PipelineOutput(x, sched.name)
+        decoded = self.decode(x)
+        if r.output_type == "np":
+            return PipelineOutput(decoded, sched.name)
+        from PIL import Image
+        return PipelineOutput([Image.fromarray(a) for a in imgs.to_uint8(decoded)], sched.name)
+
+    def _schedule(self, r: GenerationRequest) -> tuple:
+        """The request's scheduler (or the folder's) and its plan for the requested steps."""
         try:
-            sched = scheduler if isinstance(scheduler, Scheduler) else from_config(
-                self.model.facts.scheduler_config, scheduler)
-            plan = sched.plan(num_inference_steps)
+            sched = r.scheduler if isinstance(r.scheduler, Scheduler) else from_config(
+                self.model.facts.scheduler_config, r.scheduler)
+            return sched, sched.plan(r.num_inference_steps)
         except ValueError as e:
             raise UserError(str(e)) from None
-        start = sched.img2img_start(plan, strength) if image is not None else 0
-        if start >= len(plan.timesteps):
-            raise UserError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step")
-        cfg = uses_guidance(self.model, guidance_scale)
-        cond = encode(self.model, prompts, negative_prompt, num_images_per_prompt, height, width, guidance_scale)
-        constants = self.unet_constants(cond)
-        f = self.model.facts.vae_scale_factor
-        shape = (total, self.model.facts.latent_channels, height // f, width // f)
-        state = _Prepared.build(self, sched, plan, start, gen, shape, latents, image, mask_image, width, height)
-        x = state.latents
-        steps = len(plan.timesteps) - start
-        sstate = sched.init_state(plan)
+
+    def _denoise(self, r, sched, plan, start: int, state: "_Prepared", constants: dict, gen, callback) -> np.ndarray:
+        """The denoising loop from step `start`, with classifier-free guidance when it applies."""
+        cfg = uses_guidance(self.model, r.guidance_scale)
+        x, sstate, steps = state.latents, sched.init_state(plan), len(plan.timesteps) - start
         for n, i in enumerate(range(start, len(plan.timesteps))):
             t = float(plan.timesteps[i])
-            x_in = sched.scale_model_input(plan, i, np.concatenate([x, x]) if cfg else x)
-            extra = state.unet_extra(cfg)
-            eps = self.unet(x_in, t, constants, extra)
+            x_in = sched.scale_model_input(plan, i, np.concatenate([x, x]) if cfg else x)      # (2B or B, C, h, w)
+            eps = self.unet(x_in, t, constants, state.unet_extra(cfg))
             if cfg:
                 uncond, text = np.split(eps, 2)
-                eps = uncond + guidance_scale * (text - uncond)
+                eps = uncond + r.guidance_scale * (text - uncond)
             x, sstate = sched.step(plan, sstate, i, eps, x, gen.randn)
             x = state.blend(sched, plan, i, x)
             if not np.isfinite(x).all():
                 raise UserError(f"latents became NaN/Inf at step {n + 1} (fp16 overflow in the unet?)")
             if callback:
                 callback(n + 1, steps, t, x)
-        if output_type == "latent":
-            return PipelineOutput(x, sched.name)
-        decoded = self.decode(x)
-        if output_type == "np":
-            return PipelineOutput(decoded, sched.name)
-        from PIL import Image
-        return PipelineOutput([Image.fromarray(a) for a in imgs.to_uint8(decoded)], sched.name)
+        return x
 
-    def _size(self, height, width, image) -> tuple[int, int]:
+    def _size(self, r: GenerationRequest) -> tuple[int, int]:
         """Requested size, else the init image's (rounded down to multiples of 8), else the model's default."""
-        if height is None and width is None and image is not None:
-            w, h = imgs.to_pil(image).size
+        if r.height is None and r.width is None and r.image is not None:
+            w, h = imgs.to_pil(r.image).size
             f = self.model.facts.vae_scale_factor
             return h // f * f, w // f * f
         d = self.model.facts.default_size
-        return int(height or d), int(width or d)
-
-    def _check_args(self, prompts, steps, guidance, strength, output_type, image, mask, height, width) -> None:
-        """Reject bad arguments with one-line errors, before any graph runs."""
-        if not prompts:
-            raise UserError("no prompt given")
-        if not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise UserError(f"steps must be an integer in [1, 1000], got {steps!r}")
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-            raise UserError(f"guidance must be a finite number >= 0, got {guidance!r}")
-        if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            raise UserError(f"strength must be in [0, 1], got {strength!r}")
-        if output_type not in ("pil", "np", "latent"):
-            raise UserError(f"output_type must be pil, np or latent, got {output_type!r}")
-        if mask is not None and image is None:
-            raise UserError("a mask needs an init image (--init-image)")
-        f = self.model.facts.vae_scale_factor
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise UserError(f"width and height must be positive multiples of {f}, got {width}x{height}")
+        return int(r.height or d), int(r.width or d)
 
 
 @dataclass
@@ -175,24 +171,27 @@ class _Prepared:
     noise: np.ndarray | None = None
 
     @staticmethod
-    def build(pipe, sched, plan, start, gen, shape, latents, image, mask_image, width, height) -> "_Prepared":
-        """Draw the initial latents in diffusers' generator order for the requested mode."""
-        if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
+    def build(pipe, r: GenerationRequest, sched, plan, start: int, gen, shape: tuple) -> "_Prepared":
+        """Draw the initial latents (shape (B, C, h, w)) in diffusers' generator order for the request's mode."""
+        latents = None
+        if r.latents is not None:
+            latents = np.asarray(r.latents, dtype=np.float32)     # diffusers moves user latents to the model dtype
             if latents.shape != shape:
                 raise UserError(f"latents have shape {list(latents.shape)}, this request needs {list(shape)}")
-        if image is None:
+        if r.image is None:
             noise = gen.randn(shape) if latents is None else latents
             return _Prepared((noise * plan.init_noise_sigma).astype(np.float32))
-        pixels = imgs.preprocess_image(image, width, height)
-        if mask_image is None:
+        f = pipe.model.facts.vae_scale_factor
+        pixels = imgs.preprocess_image(r.image, shape[3] * f, shape[2] * f)               # (1, 3, H, W)
+        if r.mask_image is None:
             init = pipe.encode_image(pixels, gen, shape[0])
             noise = gen.randn(shape) if latents is None else latents
             return _Prepared(sched.add_noise(plan, start, init, noise))
-        return _Prepared._inpaint(pipe, sched, plan, start, gen, shape, latents, pixels, mask_image, width, height)
+        mask = imgs.preprocess_mask(r.mask_image, shape[3] * f, shape[2] * f)             # (1, 1, H, W)
+        return _Prepared._inpaint(pipe, sched, plan, start, gen, shape, latents, pixels, mask)
 
     @staticmethod
-    def _inpaint(pipe, sched, plan, start, gen, shape, latents, pixels, mask_image, width, height) -> "_Prepared":
+    def _inpaint(pipe, sched, plan, start, gen, shape, latents, pixels, mask) -> "_Prepared":
         """StableDiffusionInpaintPipeline.prepare_latents + prepare_mask_latents."""
         nine = pipe.model.facts.unet_in_channels == 9
         full = start == 0
@@ -204,7 +203,6 @@ class _Prepared:
             x = noise * plan.init_noise_sigma if full else sched.add_noise(plan, start, image_latents, noise)
         else:
             noise, x = latents, latents * plan.init_noise_sigma
-        mask = imgs.preprocess_mask(mask_image, width, height)
         masked = pipe.encode_image(pixels * (mask < 0.5), gen, shape[0])
         f = pipe.model.facts.vae_scale_factor
         small = np.repeat(mask[:, :, ::f, ::f], shape[0], axis=0)             # nearest, as F.interpolate

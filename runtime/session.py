@@ -87,7 +87,7 @@ def _provider_key(provider: str) -> str:
 
 
 class Graph:
-    """One ONNX graph: feeds are checked by name, dtype and shape, then cast to what the graph declares.
+    """One ONNX graph: feeds are checked by name, dtype and shape against what the graph declares.
 
     With `fixed_dims`, a session is built per set of symbolic-dimension values (DirectML needs static shapes);
     with `io_binding`, inputs and outputs are bound explicitly and OrtValue inputs (see `on_device`) are used
@@ -116,6 +116,14 @@ class Graph:
         """Rank of a declared input."""
         return len(self.inputs[name].shape)
 
+    def dtype(self, name: str) -> np.dtype:
+        """The NumPy element type a declared input takes."""
+        return np.dtype(ORT_TYPES[self.inputs[name].type])
+
+    def cast(self, name: str, value) -> np.ndarray:
+        """`value` as the declared element type of input `name`: for feeds the caller builds itself."""
+        return np.asarray(value).astype(self.dtype(name), copy=False)
+
     def on_device(self, name: str, value: np.ndarray):
         """An input placed where the graph runs, to reuse across calls (a checked array without IO binding)."""
         value = self._checked(name, np.asarray(value))
@@ -124,14 +132,16 @@ class Graph:
         return ort.OrtValue.ortvalue_from_numpy(value, self.cfg.device, 0)
 
     def _checked(self, name: str, value):
-        """Shape-check one feed and cast it to the declared element type."""
+        """One feed, refused unless its shape and element type are what the graph declares (no silent casts)."""
         spec = self.inputs[name]
         if isinstance(value, ort.OrtValue):
             _check_shape(self.name, name, tuple(value.shape()), spec.shape)
+            _check_dtype(self.name, name, _numpy_name(value.data_type()), _numpy_name(spec.type))
             return value
         value = np.asarray(value)
         _check_shape(self.name, name, value.shape, spec.shape)
-        return value.astype(ORT_TYPES[spec.type], copy=False)
+        _check_dtype(self.name, name, value.dtype.name, _numpy_name(spec.type))
+        return value
 
     def _dims(self, feeds: dict) -> tuple:
         """Symbolic dimension values implied by the feeds (empty unless dims are pinned)."""
@@ -150,15 +160,15 @@ class Graph:
         if missing or extra:
             raise ModelFolderError(f"{self.name}: graph inputs are {sorted(self.inputs)}, "
                                    f"got {sorted(feeds)} (a graph from a different exporter layout?)")
-        cast = {name: self._checked(name, value) for name, value in feeds.items()}
-        key = self._dims(cast)
+        checked = {name: self._checked(name, value) for name, value in feeds.items()}
+        key = self._dims(checked)
         session = self._session(key)
         if self.cfg.fixed_buffers:
-            outs = self._run_fixed(session, key, cast)
+            outs = self._run_fixed(session, key, checked)
         elif self.cfg.io_binding:
-            outs = self._run_bound(session, cast)
+            outs = self._run_bound(session, checked)
         else:
-            outs = session.run(self.output_names, cast)
+            outs = session.run(self.output_names, checked)
         return {n: (o.astype(np.float32) if o.dtype == np.float16 else o) for n, o in zip(self.output_names, outs)}
 
     def _run_bound(self, session, feeds: dict) -> list:
@@ -194,6 +204,17 @@ class Graph:
         if buffers["out"] is None:
             buffers["out"] = binding.get_outputs()
         return [o.numpy() for o in buffers["out"]]
+
+
+def _check_dtype(graph: str, name: str, got: str, declared: str) -> None:
+    """The element type (NumPy names) must be the declared one."""
+    if got != declared:
+        raise UserError(f"{graph}: input {name} has dtype {got}, the graph expects {declared}")
+
+
+def _numpy_name(ort_type: str) -> str:
+    """onnxruntime's type string as a NumPy dtype name: `tensor(float)` -> `float32`."""
+    return np.dtype(ORT_TYPES[ort_type]).name if ort_type in ORT_TYPES else ort_type
 
 
 def _check_shape(graph: str, name: str, got: tuple, declared: list) -> None:

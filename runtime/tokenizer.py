@@ -139,8 +139,8 @@ def _max_length(config: dict, folder: Path) -> int:
     return DEFAULT_MAX_LENGTH if value >= UNSET_MAX_LENGTH else value
 
 
-def _sanitize(text: str) -> str:
-    """Return text with surrogate pairs joined and unpaired surrogates replaced by U+FFFD."""
+def repair_surrogates(text: str) -> str:
+    """Text safe to encode as UTF-8: surrogate pairs joined, lone surrogates (undecodable argv bytes) -> U+FFFD."""
     try:
         text.encode("utf-8")
         return text
@@ -218,7 +218,7 @@ class ClipTokenizer:
 
     def _encode(self, prompts: list[str]) -> list[tuple[list[int], str | None]]:
         """Return (content ids, dropped text or None) per prompt, truncated to fit with bos and eos."""
-        texts = [_sanitize(p) for p in prompts]
+        texts = [repair_surrogates(p) for p in prompts]
         keep = self._max_length - 2
         results = []
         for text, enc in zip(texts, self._backend.encode_batch(texts, add_special_tokens=False)):

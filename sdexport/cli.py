@@ -26,9 +26,11 @@ def main():
 @click.option("--no-verify", is_flag=True, help="Skip the comparison against PyTorch.")
 @click.option("--vae", type=click.Path(), help="Use this VAE instead (a vae folder, or a pipeline folder with vae/).")
 @click.option("--text-encoder", type=click.Path(), help="Use this text encoder instead (folder, as --vae).")
+@click.option("--license", "license_", help="The model's licence, recorded in the manifest (default: from the "
+              "model card, the alias table or the checkpoint; 'unknown' if none is found).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @debug_option
-def convert(model, target, profile_file, shapes, out, force, no_verify, vae, text_encoder, quiet):
+def convert(model, target, profile_file, shapes, out, force, no_verify, vae, text_encoder, license_, quiet):
     """Export, optimise and verify MODEL for one target into --out."""
     from .convert import ConvertConfig, convert as run
     from .profiles import load_profile, parse_shapes_option, with_shapes
@@ -37,10 +39,10 @@ def convert(model, target, profile_file, shapes, out, force, no_verify, vae, tex
     if shapes:
         profile = with_shapes(profile, parse_shapes_option(shapes))
     overrides = {"vae": vae, "text_encoder": text_encoder}
-    report = run(ConvertConfig(model, profile, Path(out), force=force, verify=not no_verify, overrides=overrides),
-                 StageLog(quiet))
+    report = run(ConvertConfig(model, profile, Path(out), force=force, verify=not no_verify, overrides=overrides,
+                               license=license_), StageLog(quiet))
     _print_checks(report.checks)
-    click.echo(f"wrote {out} (target {profile.name})")
+    click.echo(f"wrote {out} (target {profile.name}, licence {report.license})")
 
 
 @main.command()
@@ -57,8 +59,8 @@ def verify(folder, model, vae, text_encoder):
     _print_checks(checks)
     bad = [c for c in checks if not c.ok]
     if bad:
-        raise UserError(f"{len(bad)} check(s) over tolerance: " + ", ".join(f"{c.component} {c.shape}" for c in bad))
-    click.echo("all graphs match PyTorch")
+        raise UserError(f"{len(bad)} of {len(checks)} check(s) did not pass: " + "; ".join(c.describe() for c in bad))
+    click.echo(f"all {len(checks)} checks of {len({c.component for c in checks})} graphs match PyTorch")
 
 
 main.add_command(runtime_info, "info")   # one `info` for both CLIs: the manifest in human form
@@ -80,6 +82,9 @@ def _print_checks(checks) -> None:
     if checks:
         click.echo(f"{'component':<16}{'stage':<11}{'shape':<12}{'max abs err':>12}{'limit':>12}{'PSNR dB':>9}  result")
     for c in checks:
+        if not c.ran:
+            click.echo(f"{c.component:<16}{c.stage:<11}{'-':<12}{'':>12}{'':>12}{'':>9}  NOT RUN: {c.not_run}")
+            continue
         p = f"{c.psnr_db:9.1f}" if c.psnr_db is not None and c.psnr_db != float("inf") else f"{'inf':>9}"
         click.echo(f"{c.component:<16}{c.stage:<11}{c.shape:<12}{c.max_abs:>12.2e}{c.limit:>12.2e}{p}  "
                    f"{'ok' if c.ok else 'FAIL'}")

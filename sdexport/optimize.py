@@ -1,33 +1,30 @@
 """Per-target graph passes: onnxruntime transformer fusions, fp16 conversion, int8 quantisation, pre-optimisation.
 
 What runs is decided by the profile's data (fusions table, precision, keep_fp32, fp32_ops, quantize_unet,
-graph_optimization_level); nothing here branches on the target's name.
+preoptimize) and the component's spec (optimizer model type); nothing here branches on target or component names.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 
-from .export import DATA_FILE, load_model, save_model
+from .onnx_io import DATA_FILE, STANDARD_DOMAINS, custom_ops, load_model, replace_model, save_model
 from .profiles import Profile
 from .specs import ComponentSpec
 
-MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def fusion_options(spec: ComponentSpec, profile: Profile):
     """FusionOptions for this component with the profile's switches applied."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    opts = FusionOptions(MODEL_TYPES[spec.name])
+    opts = FusionOptions(spec.model_type)
     for key, value in profile.fusions.items():
         if key != "enabled" and hasattr(opts, key):
             setattr(opts, key, value)
-    if MODEL_TYPES[spec.name] == "unet" and not profile.fusions.get("use_multi_head_attention", True):
+    if spec.model_type == "unet" and not profile.fusions.get("use_multi_head_attention", True):
         # onnxruntime's UNet attention fusion ignores use_multi_head_attention and always emits
         # MultiHeadAttention for cross-attention; leaving attention unfused is the only way to honour false.
         opts.enable_attention = False
@@ -42,7 +39,7 @@ def fuse(path: Path, spec: ComponentSpec, profile: Profile):
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with _no_progress_bars():
-        return optimize_model(str(path), model_type=MODEL_TYPES[spec.name], num_heads=0, hidden_size=0,
+        return optimize_model(str(path), model_type=spec.model_type, num_heads=0, hidden_size=0,
                               opt_level=0, optimization_options=fusion_options(spec, profile),
                               use_gpu=profile.provider != "CPUExecutionProvider")
 
@@ -74,12 +71,12 @@ def optimize_component(path: Path, spec: ComponentSpec, profile: Profile) -> dic
             model.convert_float_to_float16(keep_io_types=True, op_block_list=list(profile.fp32_ops))
             model.topological_sort()
         _replace(path, model.model)
-    if profile.quantize_unet and spec.name == "unet":
+    quantize = profile.quantize_unet and spec.model_type == "unet"
+    if quantize:
         quantize_int8(path)
-    if profile.graph_optimization_level != "disabled" and profile.provider == "CPUExecutionProvider":
-        preoptimize(path, profile.graph_optimization_level)
-    return {"precision": "int8" if profile.quantize_unet and spec.name == "unet" else precision,
-            "custom_ops": custom_ops(path)}
+    if profile.preoptimize != "disabled":
+        preoptimize(path, profile.preoptimize)
+    return {"precision": "int8" if quantize else precision, "custom_ops": custom_ops(path)}
 
 
 def _wrap(path: Path):
@@ -99,14 +96,9 @@ def _declare_domains(model) -> None:
 
 
 def _replace(path: Path, model) -> None:
-    """Write a processed ModelProto over dest/model.onnx (and its data file)."""
+    """Write a processed ModelProto over dest/model.onnx, declaring the contrib domains it uses."""
     _declare_domains(model)
-    tmp = path.with_name("model.opt.onnx")
-    save_model(model, tmp)
-    data = path.parent / DATA_FILE
-    if not (tmp.parent / DATA_FILE).exists() and data.exists():
-        data.unlink()
-    os.replace(tmp, path)
+    replace_model(path, model)
 
 
 def quantize_int8(path: Path) -> None:
@@ -151,18 +143,3 @@ def preoptimize(path: Path, level: str) -> None:
             os.replace(f, path.parent / f.name)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def custom_ops(path: Path) -> list[str]:
-    """Operators outside the standard ONNX domain, as `domain.Op`, e.g. `com.microsoft.GroupNorm`."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
-
-
-def op_counts(path: Path) -> Counter:
-    """How many nodes of each op type a graph has."""
-    import onnx
-
-    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -9,11 +10,16 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
+from .specs import COMPONENT_NAMES
+
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 PRECISIONS = ("fp32", "fp16")
 LEVELS = ("disabled", "basic", "extended", "all")
-COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 AXES = ("batch", "height", "width")
+PROVIDER_OPTIONS = Path(__file__).parent / "data" / "provider_options.json"
+SESSION_KEYS = {    # [session]: what the runtime reads into onnxruntime SessionOptions, with the allowed values
+    "intra_op_num_threads": int, "inter_op_num_threads": int, "execution_mode": ("sequential", "parallel"),
+    "graph_optimization_level": LEVELS, "enable_mem_pattern": bool}
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class Profile:
     fusions: dict                     # FusionOptions attribute -> bool; "enabled" switches the optimizer
     session: dict
     provider_options: dict
-    graph_optimization_level: str = "all"
+    preoptimize: str = "disabled"     # offline pre-optimisation level at export (CPU provider only: portable)
     keep_fp32: tuple = ()             # components left fully fp32 on an fp16 target
     fp32_ops: tuple = ()              # op types kept fp32 inside fp16 graphs
     quantize_unet: bool = False
@@ -63,7 +69,7 @@ class Profile:
 
 _SCALARS = {
     "name": str, "description": str, "provider": str, "opset": int, "precision": str,
-    "graph_optimization_level": str, "quantize_unet": bool, "io_binding": bool, "cuda_graph": bool,
+    "preoptimize": str, "quantize_unet": bool, "io_binding": bool, "cuda_graph": bool,
     "free_dimension_overrides": bool,
 }
 _LISTS = ("keep_fp32", "fp32_ops", "fallback_providers")
@@ -105,12 +111,17 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
             raise UserError(f"{where}: {key} must be a {typ.__name__}, got {data[key]!r}")
     if data["precision"] not in PRECISIONS:
         raise UserError(f"{where}: precision must be one of {PRECISIONS}, got {data['precision']!r}")
-    if data.get("graph_optimization_level", "all") not in LEVELS:
-        raise UserError(f"{where}: graph_optimization_level must be one of {LEVELS}")
-    bad = set(data.get("keep_fp32", ())) - set(COMPONENTS)
+    if data.get("preoptimize", "disabled") not in LEVELS:
+        raise UserError(f"{where}: preoptimize must be one of {LEVELS}")
+    if data.get("preoptimize", "disabled") != "disabled" and data["provider"] != "CPUExecutionProvider":
+        raise UserError(f"{where}: preoptimize runs onnxruntime's CPU provider at export, so it only applies to "
+                        f"provider CPUExecutionProvider (set it to \"disabled\" for {data['provider']})")
+    bad = set(data.get("keep_fp32", ())) - set(COMPONENT_NAMES)
     if bad:
-        raise UserError(f"{where}: keep_fp32 names unknown component(s) {sorted(bad)}; known: {COMPONENTS}")
+        raise UserError(f"{where}: keep_fp32 names unknown component(s) {sorted(bad)}; known: {COMPONENT_NAMES}")
     _check_fusions(data.get("fusions", {}), where)
+    _check_session(data.get("session", {}), where)
+    _check_provider_options(data, where)
     fields = {k: data[k] for k in _SCALARS if k in data}
     fields |= {k: tuple(data.get(k, ())) for k in _LISTS}
     fields |= {k: dict(data.get(k, {})) for k in _TABLES}
@@ -133,6 +144,30 @@ def _check_fusions(fusions: dict, where: str) -> None:
             raise UserError(f"{where}: fusions.{key} must be true or false")
         if key != "enabled" and key not in switches:
             raise UserError(f"{where}: fusions.{key} is not a fusion switch (known: {', '.join(sorted(switches))})")
+
+
+def _check_session(session: dict, where: str) -> None:
+    """[session] keys must be ones the runtime applies, with values of the right kind."""
+    for key, value in session.items():
+        if key not in SESSION_KEYS:
+            raise UserError(f"{where}: session.{key} is not a session setting (known: {', '.join(SESSION_KEYS)})")
+        allowed = SESSION_KEYS[key]
+        if isinstance(allowed, tuple) and value not in allowed:
+            raise UserError(f"{where}: session.{key} must be one of {allowed}, got {value!r}")
+        if isinstance(allowed, type) and (not isinstance(value, allowed) or (allowed is int and isinstance(value, bool))):
+            raise UserError(f"{where}: session.{key} must be a {allowed.__name__}, got {value!r}")
+
+
+def _check_provider_options(data: dict, where: str) -> None:
+    """[provider_options] keys must be options onnxruntime documents for the profile's provider."""
+    known = json.loads(PROVIDER_OPTIONS.read_text())
+    if data["provider"] not in known:
+        raise UserError(f"{where}: unknown provider {data['provider']!r} (known: "
+                        f"{', '.join(k for k in known if not k.startswith('_'))})")
+    for key in data.get("provider_options", {}):
+        if key not in known[data["provider"]]:
+            raise UserError(f"{where}: provider_options.{key} is not an option of {data['provider']} "
+                            f"(known: {', '.join(known[data['provider']]) or 'none'})")
 
 
 def parse_shape_table(table: dict, where: str) -> dict:
@@ -184,7 +219,7 @@ def describe(profile: Profile) -> str:
                                                     if profile.fallback_providers else ""),
              f"  precision   {profile.precision}" + (f", fp32 kept for {', '.join(profile.keep_fp32)}"
                                                     if profile.keep_fp32 else ""),
-             f"  opset       {profile.opset}", f"  optimise    {profile.graph_optimization_level}"
+             f"  opset       {profile.opset}", f"  preoptimise {profile.preoptimize}"
              + (", fusions: " + ", ".join(k for k, v in profile.fusions.items() if v and k != "enabled")
                 if profile.fusion_enabled else ", fusions off")]
     for axis, r in profile.shapes.items():

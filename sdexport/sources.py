@@ -1,14 +1,18 @@
-"""Model sources: an alias, a local diffusers folder, or the built-in `tiny`, resolved to loaded modules."""
+"""Model sources: an alias, a local diffusers folder, a single-file checkpoint or a built-in tiny model,
+resolved to a diffusers folder and loaded as the torch modules the component specs name."""
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.layout import TEXT_ENCODERS
 
 from .cache import cache_dir, quiet_libraries
-from runtime.model import TEXT_ENCODERS as TEXT_PAIRS
+from .licence import BUILT_IN, UNKNOWN, checkpoint_licence, folder_licence
+from .specs import component_specs, source_classes
 
 ALIASES_FILE = Path(__file__).parent / "data" / "aliases.json"
 REQUIRED = ("unet", "vae", "scheduler")
@@ -21,6 +25,7 @@ class Source:
     kind: str                 # "tiny" | "alias" | "folder" | "single_file"
     folder: Path
     repo_id: str | None = None
+    license: str = UNKNOWN
 
     def to_dict(self) -> dict:
         """The manifest's `source` entry."""
@@ -32,49 +37,59 @@ class Components:
     """The loaded PyTorch modules and config files of one pipeline."""
     source: Source
     model_index: dict
-    text_encoder: object | None
-    unet: object
-    vae: object
+    modules: dict                                  # source component folder -> loaded torch module
     scheduler_config: dict
-    configs: dict = field(default_factory=dict)   # component folder -> its config.json dict
-    text_encoder_2: object | None = None
+    configs: dict = field(default_factory=dict)    # source component folder -> its config.json dict
     overrides: dict = field(default_factory=dict)  # component -> folder it was replaced from
+
+    def module(self, spec) -> object:
+        """The loaded torch module a spec wraps."""
+        return self.modules[spec.module]
 
 
 def aliases() -> dict:
-    """The alias table: name -> {repo_id, family}."""
-    return json.loads(ALIASES_FILE.read_text())
+    """The alias table: name -> {repo_id, license}."""
+    return {k: v for k, v in json.loads(ALIASES_FILE.read_text()).items() if not k.startswith("_")}
 
 
-def resolve(spec: str) -> Source:
-    """Turn a --model value into a local diffusers folder."""
+def resolve(spec: str, license: str | None = None) -> Source:
+    """Turn a --model value into a local diffusers folder, with its licence (`license` overrides what is found)."""
+    source = _resolve(spec)
+    if license:
+        return Source(source.spec, source.kind, source.folder, source.repo_id, license)
+    return source
+
+
+def _resolve(spec: str) -> Source:
+    """The Source of a --model value, licence read from the alias table or the folder's model card."""
     from .tiny import VARIANTS, tiny_folder
 
     if spec in VARIANTS:
-        return Source(spec, "tiny", tiny_folder(spec))
+        return Source(spec, "tiny", tiny_folder(spec), license=BUILT_IN)
     table = aliases()
     if spec in table:
         repo_id = table[spec]["repo_id"]
-        return Source(spec, "alias", _download(repo_id), repo_id)
+        return Source(spec, "alias", _download(repo_id), repo_id, table[spec].get("license", UNKNOWN))
     path = Path(spec).expanduser()
     from .single_file import is_single_file, to_diffusers_folder
 
     if path.is_file() and is_single_file(path):
-        return Source(spec, "single_file", to_diffusers_folder(path.resolve(), cache_dir() / "single_file"))
+        folder = to_diffusers_folder(path.resolve(), cache_dir() / "single_file")
+        return Source(spec, "single_file", folder, license=checkpoint_licence(path))
     if not path.exists():
         raise UserError(f"model {spec!r} is neither a known alias ({', '.join(sorted(table) + sorted(VARIANTS))}) "
                         "nor an existing folder")
     if not path.is_dir():
         raise UserError(f"model {spec!r} is a file but not a .safetensors/.ckpt checkpoint; "
                         "pass a checkpoint or a diffusers folder (with model_index.json)")
-    return Source(spec, "folder", path.resolve())
+    return Source(spec, "folder", path.resolve(), license=folder_licence(path))
 
 
 def _download(repo_id: str) -> Path:
     """Fetch (or find in the local cache) the diffusers files of a hub repo."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    patterns = ["model_index.json", "README.md", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # network, auth, missing cache: all end the same way for the user
@@ -92,15 +107,15 @@ def check_folder(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{index_path}: not valid JSON ({e})") from None
     missing = [c for c in REQUIRED if not present(index, c)]
-    if not any(present(index, te) for te, _ in TEXT_PAIRS):
+    if not any(present(index, te) for te, _ in TEXT_ENCODERS):
         missing.append("text_encoder")
     if missing:
         raise UserError(f"{folder} is not a Stable Diffusion pipeline: model_index.json lacks {', '.join(missing)}")
-    needed = list(REQUIRED) + [c for pair in TEXT_PAIRS if present(index, pair[0]) for c in pair]
+    needed = list(REQUIRED) + [c for pair in TEXT_ENCODERS if present(index, pair[0]) for c in pair]
     for c in needed:
         if not (folder / c).is_dir():
             raise UserError(f"{folder}: component folder {c}/ is missing")
-    for _, tok in TEXT_PAIRS:
+    for _, tok in TEXT_ENCODERS:
         t = folder / tok
         if t.is_dir() and not (t / "tokenizer.json").is_file():
             for f in ("vocab.json", "merges.txt"):
@@ -125,46 +140,45 @@ def component_folder(path: str, name: str) -> Path:
 
 
 def load_components(source: Source, overrides: dict | None = None) -> Components:
-    """Load the text encoder(s), UNet and VAE in fp32, refusing partial weight loads; apply overrides."""
-    components = _load_folder(source)
-    for name, path in (overrides or {}).items():
-        if path is None:
-            continue
-        if getattr(components, name) is None:
-            raise UserError(f"--{name.replace('_', '-')}: this model has no {name} to replace")
-        folder = component_folder(path, name)
-        cls = type(getattr(components, name))
-        setattr(components, name, _load(cls, folder, name))
-        components.configs[name] = json.loads((folder / "config.json").read_text())
-        components.overrides[name] = str(folder.resolve())
-    return components
-
-
-def _load_folder(source: Source) -> Components:
-    """Load every component of a diffusers folder."""
+    """Load every module the model's specs wrap in fp32, refusing partial weight loads; apply overrides."""
     folder = source.folder
     index = check_folder(folder)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    text_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-    texts = {te: _load(text_classes[te], folder / te, te) if present(index, te) else None for te, _ in TEXT_PAIRS}
-    unet = _load(UNet2DConditionModel, folder / "unet", "unet")
-    vae = _load(AutoencoderKL, folder / "vae", "vae")
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
         raise UserError(f"{folder}: scheduler/scheduler_config.json is missing")
-    configs = {c: json.loads((folder / c / "config.json").read_text())
-               for c in ("unet", "vae", *(te for te in texts if texts[te] is not None))}
-    return Components(source, index, texts["text_encoder"], unet, vae, json.loads(sched_path.read_text()), configs,
-                      texts["text_encoder_2"])
+    names = [c for c in source_classes() if present(index, c)]
+    configs = {c: _read_config(folder / c) for c in names}
+    replaced = {}
+    for name, path in (overrides or {}).items():
+        if path is None:
+            continue
+        if name not in configs:
+            raise UserError(f"--{name.replace('_', '-')}: this model has no {name} to replace")
+        replaced[name] = component_folder(path, name)
+        configs[name] = _read_config(replaced[name])
+    modules = {spec.module: None for spec in component_specs(configs)}
+    for name in modules:
+        modules[name] = _load(source_classes()[name], replaced.get(name, folder / name), name)
+    return Components(source, index, modules, json.loads(sched_path.read_text()), configs,
+                      {k: str(v.resolve()) for k, v in replaced.items()})
 
 
-def _load(cls, path: Path, name: str):
-    """from_pretrained with a one-line error and a refusal of missing or mismatched weights."""
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: config.json is missing")
+def _read_config(folder: Path) -> dict:
+    """A component's config.json, or a one-line error."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: config.json is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def _load(class_path: str, path: Path, name: str):
+    """from_pretrained of "package.Class" with a one-line error and a refusal of missing or mismatched weights."""
+    package, cls_name = class_path.rsplit(".", 1)
     quiet_libraries()
+    cls = getattr(importlib.import_module(package), cls_name)
     try:
         model, info = cls.from_pretrained(path, output_loading_info=True)
     except Exception as e:

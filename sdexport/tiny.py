@@ -78,41 +78,54 @@ def tiny_folder(name: str = "tiny") -> Path:
 
 def build_tiny(dest: Path, name: str = "tiny") -> None:
     """Build one tiny pipeline from config with seeded random weights and save it in the real layout."""
+    v = VARIANTS[name]
+    build_pipeline(dest, unet=UNET_CONFIG | v.get("unet", {}), vae=VAE_CONFIG | v.get("vae", {}),
+                   text=TEXT_CONFIG | v.get("text", {}), scheduler=SCHEDULER_CONFIG | v.get("scheduler", {}), facts=v)
+
+
+def build_pipeline(dest: Path, *, unet: dict, vae: dict, text: dict, scheduler: dict, facts: dict) -> None:
+    """Save a seeded random-weight pipeline (UNet, VAE, text encoders, tokenizers, scheduler) in the real layout."""
+    # facts: a VARIANTS entry's pipeline facts (pipeline class, which text encoders, pad token, model_index flags)
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .clip_vocab import write_clip_tokenizer
 
     quiet_libraries()
-    v = VARIANTS[name]
-    torch.manual_seed(0)
-    UNet2DConditionModel(**UNET_CONFIG | v.get("unet", {})).save_pretrained(dest / "unet")
+    random_unet(unet).save_pretrained(dest / "unet")
     torch.manual_seed(1)
-    AutoencoderKL(**VAE_CONFIG | v.get("vae", {})).save_pretrained(dest / "vae")
-    text_config = CLIPTextConfig(**TEXT_CONFIG | v.get("text", {}))
-    encoders = [("text_encoder", CLIPTextModel, "<|endoftext|>", 2)] if v.get("text_encoder", True) else []
-    if v.get("text_encoder_2"):
+    AutoencoderKL(**vae).save_pretrained(dest / "vae")
+    text_config = CLIPTextConfig(**text)
+    encoders = [("text_encoder", CLIPTextModel, "<|endoftext|>", 2)] if facts.get("text_encoder", True) else []
+    if facts.get("text_encoder_2"):
         encoders.append(("text_encoder_2", CLIPTextModelWithProjection, "!", 3))
     for folder, cls, pad, seed in encoders:
         torch.manual_seed(seed)
         cls(text_config).save_pretrained(dest / folder)
         prefix_text_model_keys(dest / folder / "model.safetensors")
-        write_clip_tokenizer(dest / folder.replace("text_encoder", "tokenizer"), pad_token=v.get("pad_token", pad))
+        write_clip_tokenizer(dest / folder.replace("text_encoder", "tokenizer"), pad_token=facts.get("pad_token", pad))
     (dest / "scheduler").mkdir()
-    sched = SCHEDULER_CONFIG | v.get("scheduler", {})
-    (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-    (dest / "model_index.json").write_text(json.dumps(_model_index(v, sched["_class_name"]), indent=2))
+    (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    (dest / "model_index.json").write_text(json.dumps(_model_index(facts, scheduler["_class_name"]), indent=2))
+
+
+def random_unet(config: dict):
+    """The UNet of `config` with seeded random weights (seed 0, as in every built pipeline)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**config)
 
 
 def prefix_text_model_keys(path: Path) -> None:
     """Rewrite CLIP text-model weights in the `text_model.`-prefixed layout real SD repos use."""
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(path)
-    fixed = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
-             for k, v in tensors.items()}
-    save_file(fixed, path, metadata={"format": "pt"})
+    from .checkpoint_io import with_text_model_prefix
+
+    save_file(with_text_model_prefix(load_file(path)), path, metadata={"format": "pt"})
 
 
 def _model_index(v: dict, scheduler: str) -> dict:

@@ -1,8 +1,10 @@
-"""The quick benchmark preset end to end on the tiny model, and skipped backends."""
+"""The quick benchmark preset end to end on the tiny model, skipped backends, and the tiny family as models."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 
 from bench import __main__ as bench_cli
@@ -50,10 +52,24 @@ def test_missing_backend_is_skipped_with_reason(monkeypatch):
     assert all(r.status == "skipped" and r.reason and r.provider in ("cuda", "tensorrt") for r in runs)
 
 
-def test_sdxl_is_listed_as_skipped():
-    preset = bench_cli.load_preset("quick") | {"models": ["sdxl-random"], "backends": ["diffusers-torch"]}
-    (spec,) = bench_cli.plan(preset)
-    assert spec.reason == "SDXL export not supported yet"
+def test_tiny_family_models_are_planned():
+    models = ["tiny-sdxl", "tiny-lcm", "tiny-sdxl-refiner", "no-such-model"]
+    preset = bench_cli.load_preset("quick") | {"models": models, "backends": ["diffusers-torch"]}
+    sdxl, lcm, refiner, unknown = bench_cli.plan(preset)
+    assert sdxl.reason is None and lcm.reason is None
+    assert "image-to-image" in refiner.reason
+    assert unknown.reason.startswith("unknown model 'no-such-model'") and "tiny-sdxl," in unknown.reason
+
+
+def test_diffusers_reference_runs_an_sdxl_model(tmp_path):
+    """The reference loads the folder's own pipeline class (SDXL here) and times its text encoders."""
+    from bench.runner import Spec, run_task
+
+    spec = Spec(backend="diffusers-torch", model="tiny-sdxl", width=64, height=64, steps=2, batch=1, repeats=1,
+                reference=True)
+    result = run_task({"task": "measure", "spec": asdict(spec), "work": str(tmp_path)})
+    assert np.load(result["image"]).shape == (1, 64, 64, 3)
+    assert result["stages"]["text_encoder_s"] > 0 and result["steady_s"] > 0
 
 
 def test_gpu_memory_is_summed_over_the_run_s_processes():

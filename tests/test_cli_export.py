@@ -118,7 +118,7 @@ def test_verify_and_info_on_export(tiny_export):
     out, _ = tiny_export
     r = run("verify", str(out), "--model", "tiny")
     assert r.exit_code == 0, r.output
-    assert "all graphs match PyTorch" in r.stdout and r.stdout.count(" ok") == 8
+    assert "all 8 checks of 4 graphs match PyTorch" in r.stdout and r.stdout.count(" ok") == 8
     r = run("info", str(out))
     assert r.exit_code == 0 and "target      cpu" in r.stdout and "unet/model.onnx" in r.stdout
 

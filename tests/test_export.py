@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 
 from runtime.manifest import check_files, read_manifest
-from sdexport.specs import SD_COMPONENTS, UNET, dims
+from sdexport.specs import UNET, dims
 from sdexport.verify import compare
 
-COMPONENTS = [s.name for s in SD_COMPONENTS]
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")   # an SD 1.x export
 
 
 def test_folder_layout(tiny_export):
@@ -56,7 +56,7 @@ def test_manifest_validates_and_hashes_match(tiny_export):
 def test_unet_dynamic_axes(tiny_export, tiny_components, batch, height, width):
     out, _ = tiny_export
     session = ort.InferenceSession(str(out / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
-    check = compare(UNET, tiny_components.unet, session, dims(tiny_components.configs, batch, height, width, 77))
+    check = compare(UNET, tiny_components.modules["unet"], session, dims(tiny_components.configs, batch, height, width, 77))
     assert check.max_abs < 1e-4, check
 
 
@@ -76,7 +76,7 @@ def test_vae_encoder_outputs_distribution_parameters(tiny_export, tiny_component
     session = ort.InferenceSession(str(out / "vae_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
     (params,) = session.run(None, {"sample": x})
     with torch.no_grad():
-        dist = tiny_components.vae.encode(torch.from_numpy(x)).latent_dist
+        dist = tiny_components.modules["vae"].encode(torch.from_numpy(x)).latent_dist
     mean, logvar = np.split(params, 2, axis=1)
     np.testing.assert_allclose(mean, dist.mean.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.clip(logvar, -30, 20), dist.logvar.numpy(), atol=1e-5)
@@ -86,7 +86,7 @@ def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
     """Graphs over 2 GB come out of the tracer with one file per tensor; we ship one model.onnx_data."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from sdexport.export import DATA_FILE, gather_external_data
+    from sdexport.onnx_io import DATA_FILE, gather_external_data
 
     rng = np.random.default_rng(0)
     w1, w2 = rng.standard_normal((64, 64), dtype=np.float32), rng.standard_normal((64, 8), dtype=np.float32)

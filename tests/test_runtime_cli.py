@@ -96,11 +96,20 @@ def test_loads_optimum_layout(tiny_export, tmp_path):
     assert r.exit_code == 0 and "without sdexport.json" in r.stdout
 
 
-def test_info_and_schedulers():
+def test_info_and_schedulers(tiny_export):
+    r = run("info", tiny_export[0])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == str(tiny_export[0])
+    assert any(l.split()[:2] == ["target", "cpu"] for l in lines)
+    for graph in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        assert any(l.split()[:2] == [graph, f"{graph}/model.onnx"] for l in lines), graph
+    assert any(l.split()[:2] == ["in", "sample"] for l in lines)
     r = run("schedulers")
     assert r.exit_code == 0
+    listed = [l.split()[0] for l in r.stdout.splitlines()]
     for name in ("ddim", "euler-a", "dpm++2m-karras", "unipc", "lcm"):
-        assert name in r.stdout
+        assert name in listed
 
 
 @pytest.mark.parametrize("change,words", [

@@ -1,0 +1,118 @@
+"""The generation request: one frozen value that the CLI, the Python API and the HTTP server all build.
+
+Defaults follow diffusers' Stable Diffusion pipelines (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline,
+StableDiffusionInpaintPipeline). Importing this module is cheap (no NumPy): the CLI reads its defaults.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import UserError
+
+DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.5, "num_images_per_prompt": 1, "output_type": "pil",
+            "generator_kind": "torch"}
+STRENGTH = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0}      # per mode, as each diffusers pipeline's default
+OUTPUT_TYPES = ("pil", "np", "latent")
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    """What to generate; validated on creation, so every request is valid up to the model's own limits."""
+    prompt: tuple                              # one str per prompt (a single str is accepted and wrapped)
+    negative_prompt: str | tuple | None = None  # one for every prompt, or one per prompt
+    height: int | None = None                  # None: the init image's size, else the model's default
+    width: int | None = None
+    num_inference_steps: int = DEFAULTS["num_inference_steps"]
+    guidance_scale: float = DEFAULTS["guidance_scale"]
+    num_images_per_prompt: int = DEFAULTS["num_images_per_prompt"]
+    strength: float | None = None              # img2img / inpainting; None: the mode's default (STRENGTH)
+    scheduler: object = None                   # registry or diffusers class name, a Scheduler, None: the folder's
+    output_type: str = DEFAULTS["output_type"]
+    latents: object = None                     # (N, C, H/f, W/f) array of any float dtype, used as float32
+    image: object = None                       # PIL image or (H, W, C) array: img2img
+    mask_image: object = None                  # with `image`: inpainting, white = repaint
+    seed: int | tuple | None = None            # one seed for the batch, or one per image; None: 0
+    generator_kind: str = DEFAULTS["generator_kind"]   # "torch" (bit-exact with torch's CPU randn) or "numpy"
+
+    @classmethod
+    def create(cls, prompt, **options) -> "GenerationRequest":
+        """A request from keyword values as the Python API takes them; None stands for the default."""
+        return cls(prompt, **{k: v for k, v in options.items() if v is not None})
+
+    def __post_init__(self):
+        """Normalise lists to tuples, then refuse bad values with one-line errors."""
+        if isinstance(self.prompt, str):
+            object.__setattr__(self, "prompt", (self.prompt,))
+        for name in ("prompt", "negative_prompt", "seed"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        _validate(self)
+
+    @property
+    def mode(self) -> str:
+        """txt2img, img2img or inpaint."""
+        return "txt2img" if self.image is None else "img2img" if self.mask_image is None else "inpaint"
+
+    @property
+    def effective_strength(self) -> float:
+        """The strength this request runs with."""
+        return STRENGTH[self.mode] if self.strength is None else float(self.strength)
+
+    @property
+    def total_images(self) -> int:
+        """Images generated: prompts x images per prompt."""
+        return len(self.prompt) * self.num_images_per_prompt
+
+    def generator(self):
+        """The noise source the seed names: one generator for the batch, or one per image."""
+        from .randn import make_generator
+
+        seed = 0 if self.seed is None else self.seed
+        batch = self.total_images if isinstance(seed, tuple) else None
+        return make_generator(list(seed) if isinstance(seed, tuple) else seed, batch=batch, kind=self.generator_kind)
+
+
+def _number(value) -> bool:
+    """A real int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _texts(value) -> bool:
+    """A tuple of strings."""
+    return isinstance(value, tuple) and all(isinstance(t, str) for t in value)
+
+
+def _validate(r: GenerationRequest) -> None:
+    """The checks every interface shares, before any model is touched."""
+    if not r.prompt:
+        raise UserError("no prompt given")
+    if not _texts(r.prompt):
+        raise UserError("prompt must be a string or a list of strings")
+    if r.negative_prompt is not None and not isinstance(r.negative_prompt, str) and not _texts(r.negative_prompt):
+        raise UserError("negative_prompt must be a string or a list of strings")
+    if not isinstance(r.num_inference_steps, int) or not 1 <= r.num_inference_steps <= MAX_STEPS:
+        raise UserError(f"steps must be an integer in [1, {MAX_STEPS}], got {r.num_inference_steps!r}")
+    if not _number(r.guidance_scale) or not math.isfinite(r.guidance_scale) or r.guidance_scale < 0:
+        raise UserError(f"guidance must be a finite number >= 0, got {r.guidance_scale!r}")
+    if not isinstance(r.num_images_per_prompt, int) or r.num_images_per_prompt < 1:
+        raise UserError(f"num_images_per_prompt must be a positive integer, got {r.num_images_per_prompt!r}")
+    if r.strength is not None and (not _number(r.strength) or not 0.0 <= r.strength <= 1.0):
+        raise UserError(f"strength must be in [0, 1], got {r.strength!r}")
+    if r.output_type not in OUTPUT_TYPES:
+        raise UserError(f"output_type must be {', '.join(OUTPUT_TYPES[:-1])} or {OUTPUT_TYPES[-1]}, "
+                        f"got {r.output_type!r}")
+    if r.mask_image is not None and r.image is None:
+        raise UserError("a mask needs an init image (--init-image)")
+    for name in ("height", "width"):
+        value = getattr(r, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+    r.generator()                        # seeds and generator kind: SeedError (a UserError) when unusable
+
+
+def check_size(height: int, width: int, factor: int) -> None:
+    """The resolved image size must be a multiple of the VAE's scale factor."""
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise UserError(f"width and height must be positive multiples of {factor}, got {width}x{height}")
