@@ -54,7 +54,7 @@ def _where(exc: BaseException) -> str:
 
 def measure(dest: Path) -> dict:
     """Run the export in a subprocess watched for peak RSS; the verdict against the targets."""
-    from .runner import watch
+    from .watch import watch
 
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"

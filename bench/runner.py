@@ -6,8 +6,6 @@ import hashlib
 import inspect
 import json
 import statistics
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -15,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.watch import watch
+
 PROMPT, NEGATIVE = "a lighthouse at dusk, oil painting", "blurry"
 SEED = 0                  # of the noise stochastic schedulers draw after the shared initial latents
-POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -45,61 +44,6 @@ class Spec:
 
 
 # ---- parent side --------------------------------------------------------------------------
-
-
-def watch(cmd: list, log: Path) -> tuple[int, float, float, float | None]:
-    """Run a command with output to log; (exit code, peak RSS MB incl. children, wall s, peak GPU MB or None)."""
-    import psutil
-
-    start, peak, gpu = time.perf_counter(), 0, None
-    smi = shutil.which("nvidia-smi")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        ps = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            peak = max(peak, _tree_rss(ps))
-            if smi:
-                used = gpu_memory_mb(_smi_apps(smi), _tree_pids(ps))
-                gpu = used if gpu is None else max(gpu, used)
-            time.sleep(POLL_S)
-    return proc.returncode, peak / 2**20, time.perf_counter() - start, gpu
-
-
-def _tree_pids(ps) -> set:
-    """PIDs of a process and its children (empty once it is gone)."""
-    import psutil
-
-    try:
-        return {p.pid for p in [ps, *ps.children(recursive=True)]}
-    except psutil.Error:
-        return set()
-
-
-def _smi_apps(smi: str) -> str:
-    """nvidia-smi's per-process GPU memory table (pid, used MiB), or '' if it fails."""
-    r = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                       capture_output=True, text=True, timeout=10)
-    return r.stdout if r.returncode == 0 else ""
-
-
-def gpu_memory_mb(table: str, pids: set) -> float:
-    """GPU memory used by `pids`, from nvidia-smi's `pid, used_memory` CSV lines."""
-    total = 0.0
-    for line in table.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) in pids:
-            total += float(parts[1]) if parts[1].replace(".", "", 1).isdigit() else 0.0
-    return total
-
-
-def _tree_rss(ps) -> int:
-    """RSS of a process and all its children, 0 once it is gone."""
-    import psutil
-
-    try:
-        return sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)])
-    except psutil.Error:
-        return 0
 
 
 def _child(task: str, spec: Spec, work: Path, extra: dict) -> tuple[dict | None, float, str]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
+
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,99 +19,7 @@ STATUSES = ("ok", "skipped", "failed")
 REFERENCE_BACKEND = "diffusers-torch"
 _RUN_NUMBERS = ("session_create_s", "first_run_s", "steady_s", "peak_rss_mb", "gpu_mem_mb")
 
-
-class SchemaError(ValueError):
-    """A result document that does not match the schema."""
-
-
-def _kind(value: Any) -> str:
-    """Name a JSON value's type for error messages."""
-    return "null" if value is None else type(value).__name__
-
-
-class _Fields:
-    """Typed reads from one JSON object; every error names the field path."""
-
-    def __init__(self, data: Any, path: str):
-        if not isinstance(data, dict):
-            raise SchemaError(f"{path or 'document'}: expected an object, got {_kind(data)}")
-        self.data, self.path, self.seen = data, path, set()
-
-    def at(self, name: str) -> str:
-        """Full path of a field of this object."""
-        return f"{self.path}.{name}" if self.path else name
-
-    def fail(self, name: str, message: str):
-        """Raise a SchemaError for one field."""
-        raise SchemaError(f"{self.at(name)}: {message}")
-
-    def get(self, name: str, required: bool = False) -> Any:
-        """Raw value of a field; missing means null."""
-        self.seen.add(name)
-        value = self.data.get(name)
-        if value is None and required:
-            self.fail(name, "required field is missing or null")
-        return value
-
-    def text(self, name: str, required: bool = False, choices: tuple = ()) -> str | None:
-        """A string field, optionally restricted to choices."""
-        value = self.get(name, required)
-        if value is not None and not (isinstance(value, str) and (value or not required)):
-            self.fail(name, f"expected a non-empty string, got {value!r}")
-        if value is not None and choices and value not in choices:
-            self.fail(name, f"expected one of {', '.join(choices)}; got {value!r}")
-        return value
-
-    def integer(self, name: str, required: bool = False, minimum: int = 1) -> int | None:
-        """An integer field with a lower bound."""
-        value = self.get(name, required)
-        if value is not None and (type(value) is not int or value < minimum):
-            self.fail(name, f"expected an integer >= {minimum}, got {value!r}")
-        return value
-
-    def number(self, name: str, required: bool = False, allow_inf: bool = False) -> float | None:
-        """A non-negative number field (NaN never, infinity only if allowed)."""
-        value = self.get(name, required)
-        if value is None:
-            return None
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not numeric or not value >= 0 or (math.isinf(value) and not allow_inf):
-            self.fail(name, f"expected a non-negative number, got {value!r}")
-        return float(value)
-
-    def flag(self, name: str) -> bool:
-        """A required boolean field."""
-        value = self.get(name, required=True)
-        if not isinstance(value, bool):
-            self.fail(name, f"expected true or false, got {value!r}")
-        return value
-
-    def child(self, name: str, required: bool = False) -> _Fields | None:
-        """A nested object field."""
-        value = self.get(name, required)
-        return None if value is None else _Fields(value, self.at(name))
-
-    def items(self, name: str) -> list[tuple[str, Any]]:
-        """A required list field as (path, value) pairs."""
-        value = self.get(name, required=True)
-        if not isinstance(value, list):
-            self.fail(name, f"expected a list, got {_kind(value)}")
-        return [(f"{self.at(name)}[{i}]", item) for i, item in enumerate(value)]
-
-    def done(self) -> None:
-        """Reject fields the schema does not define."""
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            self.fail(unknown[0], "unknown field")
-
-
-def _numbers(cls, data: Any, path: str, required: bool, allow_inf: tuple = ()):
-    """Build a dataclass whose fields are all numbers."""
-    f = _Fields(data, path)
-    values = {x.name: f.number(x.name, required, x.name in allow_inf) for x in fields(cls)}
-    f.done()
-    return cls(**values)
-
+from bench.fields import Fields, SchemaError, number_fields  # noqa: F401  (SchemaError: part of this API)
 
 @dataclass(frozen=True, kw_only=True)
 class Stages:
@@ -126,8 +34,7 @@ class Stages:
     @classmethod
     def from_dict(cls, data: Any, path: str = "stages") -> Stages:
         """Validate and build from JSON data; missing stages are null."""
-        return _numbers(cls, data, path, required=False)
-
+        return number_fields(cls, data, path, required=False)
 
 @dataclass(frozen=True, kw_only=True)
 class ImageDiff:
@@ -139,8 +46,7 @@ class ImageDiff:
     @classmethod
     def from_dict(cls, data: Any, path: str = "image_diff") -> ImageDiff:
         """Validate and build from JSON data; psnr_db may be infinite."""
-        return _numbers(cls, data, path, required=True, allow_inf=("psnr_db",))
-
+        return number_fields(cls, data, path, required=True, allow_inf=("psnr_db",))
 
 @dataclass(frozen=True, kw_only=True)
 class Environment:
@@ -158,7 +64,7 @@ class Environment:
     @classmethod
     def from_dict(cls, data: Any, path: str = "environment") -> Environment:
         """Validate and build from JSON data."""
-        f = _Fields(data, path)
+        f = Fields(data, path)
         texts = {name: f.text(name) for name in ("cpu", "gpu", "os", "python")}
         env = cls(machine_id=f.text("machine_id", True), cores=f.integer("cores"),
                   ram_gb=f.number("ram_gb"), versions=_versions(f.child("versions")), **texts)
@@ -169,11 +75,9 @@ class Environment:
         """JSON-ready dict."""
         return asdict(self)
 
-
-def _versions(f: _Fields | None) -> dict[str, str | None]:
+def _versions(f: Fields | None) -> dict[str, str | None]:
     """Package name -> version string (or null)."""
     return {} if f is None else {name: f.text(name) for name in f.data}
-
 
 @dataclass(frozen=True, kw_only=True)
 class Run:
@@ -209,7 +113,7 @@ class Run:
     @classmethod
     def from_dict(cls, data: Any, path: str = "run", machine_id: str | None = None) -> Run:
         """Validate and build from JSON data; machine_id defaults to the file's machine."""
-        f = _Fields(data, path)
+        f = Fields(data, path)
         values = {name: f.text(name) for name in ("profile", "profile_hash", "variant", "reason")}
         values |= {name: f.integer(name, True) for name in ("width", "height", "steps", "batch")}
         values |= {name: f.number(name) for name in _RUN_NUMBERS}
@@ -229,22 +133,19 @@ class Run:
             del data["machine_id"]
         return data
 
-
-def _machine(f: _Fields, default: str | None) -> str:
+def _machine(f: Fields, default: str | None) -> str:
     """A run's machine_id: its own field, or the document's single machine."""
     own = f.text("machine_id", required=default is None)
     if default is not None and own is not None and own != default:
         f.fail("machine_id", f"{own!r} differs from environment.machine_id {default!r}")
     return own or default
 
-
-def _nested(cls, f: _Fields, name: str):
+def _nested(cls, f: Fields, name: str):
     """An optional nested dataclass field."""
     value = f.get(name)
     return None if value is None else cls.from_dict(value, f.at(name))
 
-
-def _check_run(run: Run, f: _Fields) -> None:
+def _check_run(run: Run, f: Fields) -> None:
     """Rules that span several fields of one run."""
     if run.status != "ok" and not run.reason:
         f.fail("reason", f"required when status is {run.status!r}")
@@ -252,7 +153,6 @@ def _check_run(run: Run, f: _Fields) -> None:
         f.fail("reference", f"only a {REFERENCE_BACKEND} run can be the reference")
     if run.reference and run.image_diff is not None:
         f.fail("image_diff", "must be null for the reference run")
-
 
 @dataclass(frozen=True, kw_only=True)
 class Results:
@@ -276,7 +176,7 @@ class Results:
     @classmethod
     def from_dict(cls, data: Any) -> Results:
         """Validate and build from a parsed JSON document."""
-        f = _Fields(data, "")
+        f = Fields(data, "")
         version = f.get("schema_version", required=True)
         if type(version) is not int or version != SCHEMA_VERSION:
             f.fail("schema_version", f"unsupported version {version!r} (expected {SCHEMA_VERSION})")
@@ -300,13 +200,11 @@ class Results:
         data["runs"] = [run.to_dict(with_machine=not single) for run in self.runs]
         return data
 
-
 def parse_time(text: str) -> datetime:
     """Parse an ISO-8601 time (a trailing Z allowed)."""
     return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
 
-
-def _created(f: _Fields) -> str:
+def _created(f: Fields) -> str:
     """The document's ISO-8601 creation time."""
     text = f.text("created", True)
     try:
@@ -315,8 +213,7 @@ def _created(f: _Fields) -> str:
         f.fail("created", f"expected an ISO-8601 time, got {text!r}")
     return text
 
-
-def _environments(f: _Fields) -> tuple[Environment, ...]:
+def _environments(f: Fields) -> tuple[Environment, ...]:
     """The single "environment" or the merged "environments" list."""
     if "environments" not in f.data:
         return (Environment.from_dict(f.get("environment", True), f.at("environment")),)
@@ -326,7 +223,6 @@ def _environments(f: _Fields) -> tuple[Environment, ...]:
     if not envs:
         f.fail("environments", "at least one environment is required")
     return envs
-
 
 def _check_machines(results: Results) -> None:
     """Machine ids are unique and every run names a known machine."""
@@ -339,7 +235,6 @@ def _check_machines(results: Results) -> None:
         if run.machine_id not in known:
             raise SchemaError(f"runs[{i}].machine_id: unknown machine {run.machine_id!r}")
 
-
 def _check_references(runs: tuple[Run, ...]) -> None:
     """At most one reference run per machine and group."""
     first: dict[tuple, int] = {}
@@ -349,11 +244,9 @@ def _check_references(runs: tuple[Run, ...]) -> None:
             raise SchemaError(f"runs[{i}].reference: a second reference for {key} "
                               f"(the first is runs[{first[key]}])")
 
-
 def dumps(results: Results) -> str:
     """Serialise to JSON text (an infinite psnr_db is written as Infinity)."""
     return json.dumps(results.to_dict(), indent=2) + "\n"
-
 
 def read_json(path: str | os.PathLike) -> Results:
     """Load and validate one result file; errors start with the file name."""
@@ -366,7 +259,6 @@ def read_json(path: str | os.PathLike) -> Results:
         return Results.from_dict(data)
     except SchemaError as exc:
         raise SchemaError(f"{path}: {exc}") from None
-
 
 def write_json(results: Results, path: str | os.PathLike) -> Path:
     """Write a result file atomically: it appears complete or not at all."""

@@ -73,7 +73,7 @@ def test_diffusers_reference_runs_an_sdxl_model(tmp_path):
 
 
 def test_gpu_memory_is_summed_over_the_run_s_processes():
-    from bench.runner import gpu_memory_mb
+    from bench.watch import gpu_memory_mb
 
     table = "1234, 812\n99, 4000\n1240, 100\nbad line\n"
     assert gpu_memory_mb(table, {1234, 1240}) == 912.0

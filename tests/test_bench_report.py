@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import charts, grouping, report
 from bench.schema import Results, SchemaError, read_json, write_json
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -29,7 +29,7 @@ def raw(path=CPU_FILE):
 
 def merged():
     """Both fixtures merged."""
-    return report.load_results([CPU_FILE, GPU_FILE])
+    return grouping.load_results([CPU_FILE, GPU_FILE])
 
 
 def raw_runs(*paths):
@@ -82,7 +82,7 @@ def tables(md):
 def row(md, run_key):
     """The table row for (machine, group, backend, provider, variant)."""
     machine, group, backend, provider, variant = run_key
-    rows = tables(md)[report.group_title(group)]
+    rows = tables(md)[grouping.group_title(group)]
     hits = [r for r in rows if (r["machine"], r["backend"], r["provider"], r["variant"])
             == (machine, backend, provider or "-", variant or "-")]
     assert len(hits) == 1, (run_key, rows)
@@ -169,7 +169,7 @@ def test_read_json_errors_name_the_file(tmp_path):
 
 def test_markdown_speedups_match_fixture():
     """Every measured run shows reference steady / run steady of its own machine."""
-    md = report.markdown(report.load_results(CPU_FILE))
+    md = report.markdown(grouping.load_results(CPU_FILE))
     expected = expected_speedups(CPU_FILE)
     assert len(expected) >= 2 and "2.00x" in expected.values()
     for key, text in expected.items():
@@ -179,7 +179,7 @@ def test_markdown_speedups_match_fixture():
 def test_markdown_overhead_and_diff_columns():
     """Overhead is a share of the UNet step; image diff is shown against the reference."""
     run = raw()["runs"][1]
-    cells = row(report.markdown(report.load_results(CPU_FILE)), run_key("cpu-box", run))
+    cells = row(report.markdown(grouping.load_results(CPU_FILE)), run_key("cpu-box", run))
     share = 100 * run["stages"]["scheduler_overhead_s"] / run["stages"]["unet_step_s"]
     assert cells["overhead / step"] == f"{share:.1f}%"
     assert cells["PSNR"] == f"{run['image_diff']['psnr_db']:.1f} dB"
@@ -188,7 +188,7 @@ def test_markdown_overhead_and_diff_columns():
 
 def test_no_same_machine_reference_is_na():
     """Runs whose machine has no usable reference print n/a, also when merged."""
-    for md in (report.markdown(report.load_results(CPU_FILE)), report.markdown(merged())):
+    for md in (report.markdown(grouping.load_results(CPU_FILE)), report.markdown(merged())):
         measured = [run_key(m, r) for m, r in raw_runs(CPU_FILE)
                     if r["status"] == "ok" and not r["reference"]]
         without_reference = [key for key in measured if key not in expected_speedups(CPU_FILE)]
@@ -199,7 +199,7 @@ def test_no_same_machine_reference_is_na():
 
 def test_skipped_and_failed_runs_listed_with_reason():
     """Runs that did not complete show their status and reason."""
-    md = report.markdown(report.load_results(CPU_FILE))
+    md = report.markdown(grouping.load_results(CPU_FILE))
     problems = [(m, r) for m, r in raw_runs(CPU_FILE) if r["status"] != "ok"]
     assert {r["status"] for _, r in problems} == {"skipped", "failed"}
     for machine, run in problems:
@@ -232,18 +232,18 @@ def test_merge_keeps_machines_and_compares_within_machine():
 
 def test_merge_deduplicates_identical_runs():
     """Merging a file with itself keeps each run once."""
-    assert report.load_results([CPU_FILE, CPU_FILE]).runs == report.load_results(CPU_FILE).runs
+    assert grouping.load_results([CPU_FILE, CPU_FILE]).runs == grouping.load_results(CPU_FILE).runs
 
 
 def test_merge_rejects_mixed_versions_and_conflicting_machines():
     """Different schema versions, or one machine_id with two environments, are errors."""
     cpu, gpu = read_json(CPU_FILE), read_json(GPU_FILE)
     with pytest.raises(ValueError, match="^schema_version: "):
-        report.merge([cpu, dataclasses.replace(gpu, schema_version=2)])
+        grouping.merge([cpu, dataclasses.replace(gpu, schema_version=2)])
     env = dataclasses.replace(gpu.environments[0], machine_id="cpu-box")
     runs = tuple(dataclasses.replace(r, machine_id="cpu-box") for r in gpu.runs)
     with pytest.raises(ValueError, match="'cpu-box' is described differently"):
-        report.merge([cpu, dataclasses.replace(gpu, environments=(env,), runs=runs)])
+        grouping.merge([cpu, dataclasses.replace(gpu, environments=(env,), runs=runs)])
 
 
 def test_merge_rejects_two_references_for_one_group():
@@ -251,7 +251,7 @@ def test_merge_rejects_two_references_for_one_group():
     cpu = read_json(CPU_FILE)
     other = dataclasses.replace(cpu, runs=(dataclasses.replace(cpu.runs[0], steady_s=11.0),))
     with pytest.raises(ValueError, match=r"^runs\[\d+\]\.reference: a second reference"):
-        report.merge([cpu, other])
+        grouping.merge([cpu, other])
 
 
 # ---- charts and output --------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_charts_are_png_files(tmp_path):
     """One stage chart per group with measured runs, plus the speed-up chart."""
     results = merged()
     paths = report.charts(results, tmp_path)
-    expected = [report.chart_name(key) for key in report.groups(results)] + [report.SPEEDUP_CHART]
+    expected = [grouping.chart_name(key) for key in grouping.groups(results)] + [charts.SPEEDUP_CHART]
     assert [p.name for p in paths] == expected
     for path in paths:
         data = path.read_bytes()
@@ -273,7 +273,7 @@ def test_write_report_leaves_only_outputs(tmp_path):
     """A written report holds results.json, report.md and the charts, nothing temporary."""
     written = report.write_report(merged(), tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in written)
-    assert {"results.json", "report.md", report.SPEEDUP_CHART} <= set(os.listdir(tmp_path))
+    assert {"results.json", "report.md", charts.SPEEDUP_CHART} <= set(os.listdir(tmp_path))
     assert read_json(tmp_path / "results.json") == merged()
     assert "(speedup.png)" in (tmp_path / "report.md").read_text()
 
