@@ -15,7 +15,9 @@ from runtime.schedulers import from_config, scheduler_names
 SD15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
         "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
         "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None}
-SIGMA_BASED = {"euler", "euler-a", "heun", "lms", "dpm++2m", "dpm++2m-karras", "dpm++2m-sde", "unipc"}
+SIGMA_BASED = {"euler", "euler-a", "heun", "lms", "dpm++2m", "dpm++2m-karras", "dpm++2m-sde", "unipc", "dpm2",
+               "dpm2-a", "dpm++2s", "deis", "dpm++2m-sde-heun", "dpm++2m-sde-karras", "unipc-karras"}
+SCHEDULE_FLAGS = (None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 FAST = settings(max_examples=300, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
@@ -30,15 +32,17 @@ def schedulers(draw):
         "beta_schedule": draw(st.sampled_from(["scaled_linear", "linear", "squaredcos_cap_v2"])),
         "steps_offset": draw(st.sampled_from([0, 1])),
     }
-    if name in {"euler", "heun", "lms", "unipc"}:
-        options["use_karras_sigmas"] = draw(st.booleans())
-    if name in {"euler", "dpm++2m", "unipc"}:
+    if name in {"euler", "heun", "lms", "unipc", "dpm2", "dpm2-a", "dpm++2m", "dpm++2m-sde", "dpm++2s", "deis"}:
+        flag = draw(st.sampled_from(SCHEDULE_FLAGS))
+        if flag:
+            options[flag] = True
+    if name in {"euler", "dpm++2m", "unipc", "dpm++2s"}:
         options["final_sigmas_type"] = draw(st.sampled_from(["zero", "sigma_min"]))
     if name == "pndm":
         options["skip_prk_steps"] = draw(st.booleans())
     s = from_config(SD15, name, **options)
     low = 4 if name == "pndm" and not options["skip_prk_steps"] else 1
-    high = 50 if name == "lcm" else 200
+    high = 50 if name in ("lcm", "tcd") else 200
     return s, draw(st.integers(low, high))
 
 
@@ -59,7 +63,10 @@ def test_schedule_is_well_formed(case):
     T = s.config.num_train_timesteps
     assert plan.num_inference_steps == n
     assert np.all(plan.timesteps >= 0) and np.all(plan.timesteps < T)
-    assert np.all(np.diff(plan.timesteps) <= 0), "timesteps must not increase"
+    # DPM2's midpoint timesteps are not rounded with Karras sigmas, and DPM2 ancestral's midpoint
+    # (between sigma and sigma_down) may lie below the next sigma: only the main timesteps are ordered
+    main = plan.timesteps[::2] if s.name in ("dpm2", "dpm2-a") else plan.timesteps
+    assert np.all(np.diff(main) <= 0), "timesteps must not increase"
     assert np.isfinite(plan.init_noise_sigma) and plan.init_noise_sigma > 0
     if plan.sigmas is not None:
         sig = plan.sigmas.astype(np.float64)

@@ -55,7 +55,7 @@ def _providers(model) -> dict:
     out = {}
     for name, g in getattr(model, "_graphs", {}).items():
         try:
-            out[name] = g.session().get_providers()
+            out[name] = g.session.get_providers()
         except Exception as e:                      # a graph whose session needs fixed dims, etc.
             out[name] = f"unknown ({type(e).__name__})"
     return out

@@ -65,6 +65,7 @@ class Scheduler:
     defaults: ClassVar[Mapping[str, Any]] = COMMON_DEFAULTS
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
     clamp_terminal: ClassVar[bool] = False  # diffusers sets alpha_bar[-1] = 2**-24 under zero SNR
+    postprocesses_x0: ClassVar[bool] = True  # clip_sample / thresholding applied to x0 (TCD ignores them)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -83,6 +84,8 @@ class Scheduler:
         if self.config.timestep_spacing not in schedules.SPACINGS:
             raise ValueError(f"timestep_spacing {self.config.timestep_spacing!r} is not supported; "
                              f"use one of {', '.join(schedules.SPACINGS)}")
+        if self.config.sigma_schedule not in (None, *schedules.SIGMA_SCHEDULES):  # raises on two flags set
+            raise ValueError(f"sigma schedule {self.config.sigma_schedule!r} is not supported")
 
     @property
     def stochastic(self) -> bool:
@@ -113,6 +116,10 @@ class Scheduler:
         """Noise level of the sample at plan.timesteps[i]."""
         return NoiseLevel.vp(self.alphas_cumprod[int(plan.timesteps[i])])
 
+    def model_noise_level(self, plan: Plan, i: int) -> NoiseLevel:
+        """Noise level the model sees at step i (differs from noise_level only at DPM2's midpoints)."""
+        return self.noise_level(plan, i)
+
     def final_alpha_cumprod(self) -> float:
         """alpha_bar used past t = 0: 1 with set_alpha_to_one, else alpha_bar_0."""
         return 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
@@ -128,8 +135,9 @@ class Scheduler:
         if self.stochastic and noise is None:
             raise ValueError(f"{self.name} is stochastic: step() needs a noise(shape) callable")
         x = _f64(sample)
-        x0, eps = predict(self.config.prediction_type, _f64(model_output), x, self.noise_level(plan, i))
-        x0 = postprocess_x0(x0, self.config)
+        x0, eps = predict(self.config.prediction_type, _f64(model_output), x, self.model_noise_level(plan, i))
+        if self.postprocesses_x0:
+            x0 = postprocess_x0(x0, self.config)
         with np.errstate(divide="ignore", invalid="ignore"):  # inf / nan propagate silently, as in torch
             prev, state = self._update(plan, state, i, x, x0, eps, noise)
         return np.asarray(prev, dtype=F32), state

@@ -11,8 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 # Options of diffusers classes that this runtime does not implement: accepted while off.
-UNSUPPORTED_FLAGS = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                     "use_flow_sigmas", "use_dynamic_shifting", "solver_p")
+UNSUPPORTED_FLAGS = ("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting", "solver_p")
 
 
 @dataclass(frozen=True)
@@ -34,10 +33,12 @@ class SchedulerConfig:
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
-    eta: float = 0.0  # DDIM eta (Song 2020, eq. 16); a pipeline argument in diffusers
+    eta: float = 0.0  # DDIM / ancestral eta, TCD gamma; a pipeline or step() argument in diffusers
     skip_prk_steps: bool = False
     variance_type: str | None = "fixed_small"
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
     sigma_min: float | None = None
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"
@@ -53,6 +54,15 @@ class SchedulerConfig:
     disable_corrector: tuple[int, ...] = ()
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+
+    @property
+    def sigma_schedule(self) -> str | None:
+        """The sigma schedule the use_*_sigmas flags ask for ("karras", "exponential", "beta"), or None."""
+        kinds = [k for k, on in (("karras", self.use_karras_sigmas), ("exponential", self.use_exponential_sigmas),
+                                 ("beta", self.use_beta_sigmas)) if on]
+        if len(kinds) > 1:
+            raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set")
+        return kinds[0] if kinds else None
 
 
 KNOWN_KEYS = frozenset(f.name for f in fields(SchedulerConfig)) | frozenset(UNSUPPORTED_FLAGS)

@@ -42,6 +42,7 @@ class VPSolverScheduler(Scheduler):
 
     clamp_terminal = True
     round_karras_timesteps_always = False  # UniPC rounds even for squaredcos_cap_v2
+    final_sigma_follows_schedule = False  # see _final_sigma
 
     def _validate(self) -> None:
         super()._validate()
@@ -54,17 +55,30 @@ class VPSolverScheduler(Scheduler):
         """End of the timestep grid (DPM-Solver clips it with lambda_min_clipped)."""
         return self.config.num_train_timesteps
 
+    def _grid(self, n: int) -> np.ndarray:
+        """The n timesteps of the configured spacing, before any custom sigma schedule."""
+        cfg = self.config
+        return schedules.solver_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n,
+                                          cfg.steps_offset, self._last_timestep())
+
+    def _custom_timesteps(self, kind: str, sigmas: np.ndarray, log_table: np.ndarray,
+                          grid: np.ndarray) -> np.ndarray:
+        """Timesteps of custom sigmas; diffusers rounds those of Karras sigmas (not for cosine betas here)."""
+        timesteps = schedules.sigma_to_t(sigmas, log_table)
+        cosine = self.config.beta_schedule == "squaredcos_cap_v2"
+        if kind == "karras" and (self.round_karras_timesteps_always or not cosine):
+            timesteps = timesteps.round()
+        return timesteps
+
     def _plan(self, n: int) -> Plan:
         cfg = self.config
         table = schedules.sigma_table(self.alphas_cumprod)
-        timesteps = schedules.solver_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n,
-                                               cfg.steps_offset, self._last_timestep())
-        if cfg.use_karras_sigmas:
+        timesteps = self._grid(n)
+        kind = cfg.sigma_schedule
+        if kind is not None:
             lo, hi = schedules.sigma_min_max(cfg.sigma_min, cfg.sigma_max, table[0], table[-1])
-            sigmas = schedules.karras_sigmas(lo, hi, n)
-            timesteps = schedules.sigma_to_t(sigmas, np.log(table))
-            if self.round_karras_timesteps_always or cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
+            sigmas = schedules.sigma_schedule(kind, lo, hi, n)
+            timesteps = self._custom_timesteps(kind, sigmas, np.log(table), timesteps)
         else:
             sigmas = schedules.interp_sigmas(timesteps, table)
         last = self._final_sigma(table, sigmas)
@@ -73,8 +87,12 @@ class VPSolverScheduler(Scheduler):
         return Plan(schedules.readonly(timesteps), schedules.readonly(sigmas), 1.0, len(timesteps))
 
     def _final_sigma(self, table: np.ndarray, sigmas: np.ndarray) -> float:
-        """Sigma after the last step: 0, or the smallest training sigma."""
-        return float(table[0]) if self.config.final_sigmas_type == "sigma_min" else 0.0
+        """Sigma after the last step: 0, or for "sigma_min" the smallest training sigma (UniPC and DEIS:
+        the last scheduled sigma again under Karras / exponential / beta sigmas)."""
+        if self.config.final_sigmas_type != "sigma_min":
+            return 0.0
+        custom = self.final_sigma_follows_schedule and self.config.sigma_schedule
+        return float(sigmas[-1] if custom else table[0])
 
     def noise_level(self, plan: Plan, i: int) -> NoiseLevel:
         return NoiseLevel.vp_from_sigma(plan.sigmas[i])
@@ -127,19 +145,12 @@ class DPMSolverMultistep(VPSolverScheduler):
 
     def _update(self, plan, state, i, x, x0, eps, noise):
         """Store x0, pick the order (warm-up and lower_order_final as diffusers), take the step."""
-        cfg, n = self.config, len(plan.timesteps)
+        cfg = self.config
         outputs = (*state.outputs, x0.astype(F32))[-cfg.solver_order:]
         nums = state.lower_order_nums
-        final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
-                                or cfg.final_sigmas_type == "zero")
-        second = i == n - 2 and cfg.lower_order_final and n < 15
         z = draw(noise, x.shape) if self.stochastic else None
-        if cfg.solver_order == 1 or nums < 1 or final:
-            order = 1
-        elif cfg.solver_order == 2 or nums < 2 or second:
-            order = 2
-        else:
-            order = 3
+        order = multistep_order(cfg, i, len(plan.timesteps), nums,
+                                first_at_final=cfg.euler_at_final or cfg.final_sigmas_type == "zero")
         ms = [np.asarray(m, np.float64) for m in outputs[-order:]]
         prev = self._solve(plan.sigmas, i, x, ms, z)
         return prev, MultistepState(outputs, min(nums + 1, cfg.solver_order))
@@ -149,10 +160,24 @@ class DPMSolverMultistep(VPSolverScheduler):
         lam = [schedules.half_log_snr(sigmas[i + 1 - k]) for k in range(len(ms) + 1)]
         h = lam[0] - lam[1]
         d1, d2 = _differences(ms, lam, h)
-        target, here = NoiseLevel.vp_from_sigma(sigmas[i + 1]), NoiseLevel.vp_from_sigma(sigmas[i])
+        return self._integrate(x, ms[-1], d1, d2, h, sigmas[i + 1], sigmas[i], z, self.config.solver_type)
+
+    def _integrate(self, x, d0, d1, d2, h, sigma_to, sigma_from, z, solver_type):
+        """The ODE or SDE DPM-Solver++ update of x at sigma_from to sigma_to, from D0 (and D1, D2)."""
+        target, here = NoiseLevel.vp_from_sigma(sigma_to), NoiseLevel.vp_from_sigma(sigma_from)
         if self.config.algorithm_type == "sde-dpmsolver++":
-            return _sde_step(x, ms[-1], d1, d2, h, target, here, z, self.config.solver_type)
-        return _ode_step(x, ms[-1], d1, d2, h, target, here, self.config.solver_type)
+            return _sde_step(x, d0, d1, d2, h, target, here, z, solver_type)
+        return _ode_step(x, d0, d1, d2, h, target, here, solver_type)
+
+
+def multistep_order(cfg, i: int, n: int, warmed: int, *, first_at_final: bool = False) -> int:
+    """Order of multistep step i of n: limited by the warm-up and, under 15 steps, by lower_order_final."""
+    short = cfg.lower_order_final and n < 15
+    if cfg.solver_order == 1 or warmed < 1 or (i == n - 1 and (first_at_final or short)):
+        return 1
+    if cfg.solver_order == 2 or warmed < 2 or (i == n - 2 and short):
+        return 2
+    return 3
 
 
 def _differences(ms, lam, h):

@@ -1,4 +1,4 @@
-"""Sigma-space (k-diffusion) samplers: Euler, Euler ancestral, Heun, LMS.
+"""Sigma-space (k-diffusion) samplers: Euler, Euler ancestral, Heun, LMS (DPM2 is in dpm2.py).
 
 They integrate the probability-flow ODE dx/dsigma = (x - x0) / sigma with
 x = x0 + sigma * eps; the UNet sees x / sqrt(1 + sigma²).
@@ -11,7 +11,6 @@ References:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from . import schedules
 from .base import COMMON_DEFAULTS, Plan, Scheduler, draw
-from .parameterization import NoiseLevel
+from .parameterization import NoiseLevel, c_in
 
 F32 = np.float32
 
@@ -33,6 +32,7 @@ class SigmaScheduler(Scheduler):
     """Shared schedule, noise level and input scaling of the sigma-space samplers."""
 
     karras_uses_config_range: ClassVar[bool] = True  # LMS ignores config sigma_min / sigma_max
+    rounds_karras_timesteps: ClassVar[bool] = False  # DPM2 rounds the timesteps of Karras sigmas
 
     def _validate(self) -> None:
         super()._validate()
@@ -46,18 +46,23 @@ class SigmaScheduler(Scheduler):
         timesteps = schedules.spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n,
                                                cfg.steps_offset, round_linspace=False).astype(F32)
         sigmas = schedules.interp_sigmas(timesteps, table)
-        if cfg.use_karras_sigmas:
-            cmin, cmax = (cfg.sigma_min, cfg.sigma_max) if self.karras_uses_config_range else (None, None)
+        kind = cfg.sigma_schedule
+        if kind is not None:
+            own_range = kind != "karras" or self.karras_uses_config_range
+            cmin, cmax = (cfg.sigma_min, cfg.sigma_max) if own_range else (None, None)
             lo, hi = schedules.sigma_min_max(cmin, cmax, sigmas[-1], sigmas[0])
-            sigmas = schedules.karras_sigmas(lo, hi, n)
-            timesteps = schedules.sigma_to_t(sigmas, np.log(table)).astype(F32)
+            sigmas = schedules.sigma_schedule(kind, lo, hi, n)
+            timesteps = schedules.sigma_to_t(sigmas, np.log(table))
+            if kind == "karras" and self.rounds_karras_timesteps:
+                timesteps = timesteps.round()
+            timesteps = timesteps.astype(F32)
         last = table[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
         return timesteps, np.concatenate([sigmas, [last]]).astype(F32)
 
     def _make_plan(self, timesteps: np.ndarray, sigmas: np.ndarray, n: int) -> Plan:
-        """Plan with diffusers' init_noise_sigma: max sigma, or sqrt(max² + 1) for leading spacing."""
+        """Plan with diffusers' init_noise_sigma: max sigma, or 1 / c_in(max) for leading spacing."""
         top = float(sigmas.max())
-        init = top if self.config.timestep_spacing in ("linspace", "trailing") else math.sqrt(top * top + 1)
+        init = top if self.config.timestep_spacing in ("linspace", "trailing") else 1.0 / c_in(top)
         return Plan(schedules.readonly(timesteps), schedules.readonly(sigmas), init, n)
 
     def _plan(self, n: int) -> Plan:
@@ -68,9 +73,9 @@ class SigmaScheduler(Scheduler):
         return NoiseLevel.ve(plan.sigmas[i])
 
     def scale_model_input(self, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
-        """x / sqrt(sigma² + 1): the VP-scaled UNet input (Karras 2022, Table 1 c_in)."""
-        sigma = float(plan.sigmas[i])
-        return np.asarray(np.asarray(sample, np.float64) / math.sqrt(sigma * sigma + 1), dtype=F32)
+        """c_in(sigma) x: the VP-scaled UNet input (Karras 2022, Table 1)."""
+        scale = c_in(self.model_noise_level(plan, i).sigma)
+        return np.asarray(np.asarray(sample, np.float64) * scale, dtype=F32)
 
 
 class Euler(SigmaScheduler):
@@ -102,25 +107,40 @@ class Euler(SigmaScheduler):
         return x + (x - x0) / sigma * (sigma_next - sigma), state
 
 
+def ancestral_step(sigma, sigma_next, eta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(sigma_down, sigma_up) of k-diffusion get_ancestral_step; eta = 1 is diffusers' ancestral sampling."""
+    # sigma_up = min(s', eta sqrt(s'² (s² - s'²) / s²)), sigma_down = sqrt(s'² - sigma_up²) in the inputs'
+    # precision, as diffusers computes them; where s >> s' cancels the latter to 0 (diffusers then gives
+    # NaN), its exact form s' sqrt(1 - eta² + eta² (s'/s)²).
+    s, s_next = np.asarray(sigma), np.asarray(sigma_next)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(s > 0, np.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2), 0).astype(s.dtype)
+        if eta != 1.0:
+            up = np.minimum(s_next, eta * up)
+        down = np.sqrt(np.maximum(s_next ** 2 - up ** 2, 0))
+        exact = s_next * np.sqrt(np.maximum(1 - eta ** 2 + eta ** 2 * np.where(s > 0, s_next / s, 0) ** 2, 0))
+    return np.where((down == 0) & (exact > 0), exact, down).astype(s.dtype), up
+
+
 class EulerAncestral(SigmaScheduler):
-    """Euler step down to sigma_down plus fresh noise of std sigma_up (k-diffusion get_ancestral_step)."""
+    """Euler step down to sigma_down plus fresh noise of std sigma_up (k-diffusion sample_euler_ancestral)."""
 
     diffusers_name = "EulerAncestralDiscreteScheduler"
-    defaults = _k_defaults(rescale_betas_zero_snr=False)
+    defaults = _k_defaults(rescale_betas_zero_snr=False, eta=1.0)
     prediction_types = ("epsilon", "v_prediction")
     clamp_terminal = True
 
     @property
     def stochastic(self) -> bool:
-        return True
+        return self.config.eta > 0
 
     def _update(self, plan, state, i, x, x0, eps, noise):
-        """Euler to sigma_down plus sigma_up z; sigma_up² = s'²(s² - s'²)/s², sigma_down² = s'² - sigma_up²."""
-        s, s_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
-        sigma_up = math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2)
-        sigma_down = math.sqrt(s_next ** 2 - sigma_up ** 2)
+        """Euler to sigma_down, plus sigma_up z (z drawn at every step, as diffusers does, while eta > 0)."""
+        s = float(plan.sigmas[i])
+        sigma_down, sigma_up = map(float, ancestral_step(np.float64(s), np.float64(plan.sigmas[i + 1]),
+                                                         self.config.eta))
         prev = x + (x - x0) / s * (sigma_down - s)
-        return prev + draw(noise, x.shape) * sigma_up, state
+        return (prev + draw(noise, x.shape) * sigma_up if self.stochastic else prev), state
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,4 +224,4 @@ class LMS(SigmaScheduler):
         return prev, LMSState(derivs)
 
 
-__all__ = ["Euler", "EulerAncestral", "Heun", "LMS", "HeunState", "LMSState"]
+__all__ = ["Euler", "EulerAncestral", "Heun", "LMS", "HeunState", "LMSState", "ancestral_step"]

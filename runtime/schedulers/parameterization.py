@@ -41,10 +41,15 @@ class NoiseLevel:
 
     @classmethod
     def vp_from_sigma(cls, sigma: float) -> "NoiseLevel":
-        """VP level of a k-diffusion sigma: alpha = 1 / sqrt(1 + sigma²), sigma_t = sigma * alpha."""
-        s = float(sigma)
-        alpha = 1.0 / math.sqrt(s * s + 1.0)
-        return cls(alpha, s * alpha)
+        """VP level of a k-diffusion sigma: alpha = c_in(sigma), sigma_t = sigma * alpha."""
+        alpha = c_in(sigma)
+        return cls(alpha, float(sigma) * alpha)
+
+
+def c_in(sigma: float) -> float:
+    """1 / sqrt(sigma² + 1): the VP input scaling of a k-diffusion sigma (Karras 2022, Table 1 c_in)."""
+    s = float(sigma)
+    return 1.0 / math.sqrt(s * s + 1.0)
 
 
 def predict(prediction_type: str, model_output: np.ndarray, sample: np.ndarray,

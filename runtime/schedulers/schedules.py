@@ -10,6 +10,8 @@ References:
   (zero terminal SNR, Algorithm 1; "trailing" spacing, Table 2).
 - Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
   Models" (sigma schedule, eq. 5).
+- Crowson, k-diffusion `sampling.py`: get_sigmas_exponential (log-linear sigmas).
+- Lee et al. 2024, "Beta Sampling is All You Need" (beta(0.6, 0.6) quantile schedule, sec. 3).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 F32 = np.float32
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
+SIGMA_SCHEDULES = ("karras", "exponential", "beta")
 
 
 def betas(schedule: str, num_train: int, beta_start: float, beta_end: float,
@@ -118,6 +121,73 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     ramp = np.linspace(0, 1, n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """sigma_i = exp(linspace(log max, log min, n)): uniform in log-sigma (k-diffusion get_sigmas_exponential)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """sigma_i = min + F⁻¹(1 - i/(n-1)) (max - min), F the Beta(a, b) CDF (Lee et al. 2024, sec. 3)."""
+    q = 1 - np.linspace(0, 1, n)
+    return sigma_min + beta_ppf(q, a, b) * (sigma_max - sigma_min)
+
+
+def sigma_schedule(kind: str, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n descending sigmas of a named schedule: karras, exponential or beta."""
+    if kind == "karras":
+        return karras_sigmas(sigma_min, sigma_max, n)
+    if kind == "exponential":
+        return exponential_sigmas(sigma_min, sigma_max, n)
+    if kind == "beta":
+        return beta_sigmas(sigma_min, sigma_max, n)
+    raise ValueError(f"sigma schedule {kind!r} is not supported; use one of {', '.join(SIGMA_SCHEDULES)}")
+
+
+def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Quantiles of Beta(a, b): I_x(a, b) = q solved by bisection to float64 resolution."""
+    q = np.asarray(q, dtype=np.float64)
+    lo, hi = np.zeros_like(q), np.ones_like(q)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        below = betainc(mid, a, b) < q
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return np.where(q <= 0, 0.0, np.where(q >= 1, 1.0, (lo + hi) / 2))
+
+
+def betainc(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Regularised incomplete beta I_x(a, b) by its continued fraction, with I_x(a, b) = 1 - I_(1-x)(b, a)."""
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    flip = x > (a + 1) / (a + b + 2)  # where the fraction converges slowly
+    xs, aa, bb = np.where(flip, 1 - x, x), np.where(flip, b, a), np.where(flip, a, b)
+    with np.errstate(divide="ignore"):
+        front = np.exp(aa * np.log(xs) + bb * np.log1p(-xs) - _log_beta(a, b)) / aa
+    out = front * _beta_fraction(xs, aa, bb)
+    return np.where(flip, 1 - out, out)
+
+
+def _log_beta(a: float, b: float) -> float:
+    """log B(a, b) = log Γ(a) + log Γ(b) - log Γ(a + b)."""
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _beta_fraction(x: np.ndarray, a: np.ndarray, b: np.ndarray, terms: int = 300) -> np.ndarray:
+    """Continued fraction of I_x(a, b) by the modified Lentz method (Numerical Recipes, sec. 6.4)."""
+    def guard(v):
+        return np.where(np.abs(v) < 1e-300, 1e-300, v)
+    c, d = np.ones_like(x), 1 / guard(1 - (a + b) * x / (a + 1))
+    f = d.copy()
+    for m in range(1, terms):
+        change = np.zeros_like(x)
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d, c = 1 / guard(1 + num * d), guard(1 + num / c)
+            f = f * c * d
+            change = np.maximum(change, np.abs(c * d - 1))
+        if change.max() < 1e-15:
+            break
+    return f
 
 
 def sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ class UniPC(VPSolverScheduler):
     defaults = {**_SOLVER_DEFAULTS, "predict_x0": True, "solver_type": "bh2", "disable_corrector": (),
                 "solver_p": None}
     round_karras_timesteps_always = True
+    final_sigma_follows_schedule = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,11 +46,6 @@ class UniPC(VPSolverScheduler):
     def _bh2(self) -> bool:
         """diffusers maps the DPM-Solver solver types onto bh2."""
         return self.config.solver_type != "bh1"
-
-    def _final_sigma(self, table: np.ndarray, sigmas: np.ndarray) -> float:
-        if self.config.final_sigmas_type != "sigma_min":
-            return 0.0
-        return float(sigmas[-1] if self.config.use_karras_sigmas else table[0])
 
     def init_state(self, plan) -> UniPCState:
         return UniPCState()
