@@ -9,7 +9,7 @@ import click
 
 from .cliutil import FriendlyGroup, debug_option
 from .errors import UserError
-from .request import DEFAULTS, STRENGTH
+from .request import DEFAULTS, PROMPT_SYNTAXES, STRENGTH
 
 
 @click.group(cls=FriendlyGroup)
@@ -60,6 +60,9 @@ def _load_latents(path: str | None):
 @click.option("--model", required=True, type=click.Path(), help="An exported model folder.")
 @click.option("--prompt", required=True, help="What to draw.")
 @click.option("--negative-prompt", default=None, help="What to avoid.")
+@click.option("--prompt-syntax", type=click.Choice(PROMPT_SYNTAXES), default=DEFAULTS["prompt_syntax"],
+              show_default=True, help="plain: literal, as diffusers (77 tokens); a1111: (weights:1.2), BREAK, "
+              "long prompts, as AUTOMATIC1111.")
 @click.option("--steps", default=25, show_default=True, type=int, help="Denoising steps.")
 @click.option("--guidance", default=DEFAULTS["guidance_scale"], show_default=True, type=float,
               help="Classifier-free guidance scale.")
@@ -82,8 +85,8 @@ def _load_latents(path: str | None):
 @click.option("--out", required=True, type=click.Path(), help="Output .png (several get -1, -2 ...) or .npy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @debug_option
-def generate(model, prompt, negative_prompt, steps, guidance, seed, gen_kind, scheduler, width, height, batch,
-             init_image, strength, mask, latents, provider, threads, no_verify, out, quiet):
+def generate(model, prompt, negative_prompt, prompt_syntax, steps, guidance, seed, gen_kind, scheduler, width,
+             height, batch, init_image, strength, mask, latents, provider, threads, no_verify, out, quiet):
     """Generate images from a prompt (txt2img, img2img with --init-image, inpainting with --mask)."""
     from .atomic import check_writable_parent
     from .images import open_image
@@ -111,7 +114,8 @@ def generate(model, prompt, negative_prompt, steps, guidance, seed, gen_kind, sc
         _valid_text(prompt, "--prompt"), negative_prompt=_valid_text(negative_prompt, "--negative-prompt"),
         height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
         seed=seed_value, generator_kind=gen_kind, latents=_load_latents(latents), image=image,
-        mask_image=mask_image, strength=strength, scheduler=scheduler, output_type="np")
+        mask_image=mask_image, strength=strength, scheduler=scheduler, output_type="np",
+        prompt_syntax=prompt_syntax)
     pipe = StableDiffusionPipeline.from_pretrained(model, provider=provider, threads=threads, verify=not no_verify)
     result = _run_reporting(pipe, request, quiet)
     _write(out, result.images, request, result.scheduler, model)
@@ -161,7 +165,7 @@ class _ProgressBar:
 
 def _write(out: Path, images, request, scheduler: str, model) -> None:
     """Write .npy, or PNGs with AUTOMATIC1111-style parameters."""
-    from .images import a1111_parameters, output_paths, save_npy, save_png, to_uint8
+    from .images import a1111_parameters, output_paths, save_npy, save_png, syntax_fields, to_uint8
     from .schedulers import a1111_name
 
     if out.suffix.lower() == ".npy":
@@ -169,11 +173,12 @@ def _write(out: Path, images, request, scheduler: str, model) -> None:
         click.echo(f"wrote {out} {tuple(images.shape)}")
         return
     seed, paths = request.seed, output_paths(out, len(images))
+    noted = syntax_fields((request.prompt[0], request.negative_prompt or ""), request.prompt_syntax)
     for i, (path, img) in enumerate(zip(paths, to_uint8(images))):
         params = a1111_parameters(request.prompt[0], request.negative_prompt or "", request.num_inference_steps,
                                   a1111_name(scheduler), request.guidance_scale,
                                   seed[i] if isinstance(seed, tuple) else seed, img.shape[1], img.shape[0],
-                                  Path(model).name)
+                                  Path(model).name, noted)
         save_png(path, img, params)
         click.echo(f"wrote {path}")
 

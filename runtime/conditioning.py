@@ -2,7 +2,9 @@
 
 References: diffusers StableDiffusionPipeline.encode_prompt (last hidden state), StableDiffusionXLPipeline
 .encode_prompt / _get_add_time_ids (penultimate states of both encoders, pooled projection, size/crop ids,
-zeroed negatives), LatentConsistencyModelPipeline.get_guidance_scale_embedding (LCM, Luo et al. 2023).
+zeroed negatives), LatentConsistencyModelPipeline.get_guidance_scale_embedding (LCM, Luo et al. 2023); AUTOMATIC1111's
+sd_hijack_clip.py forward (syntax "a1111": weighted 75-token chunks, see runtime.a1111) and
+sd_samplers_cfg_denoiser.py (cond and uncond of different lengths go through the UNet in separate calls).
 """
 from __future__ import annotations
 
@@ -10,14 +12,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import a1111
 from .layout import TEXT_ENCODERS
 
 
 @dataclass(frozen=True)
 class Conditioning:
     """UNet conditioning for one request: text states and extra named inputs, batch-aligned (2B with guidance)."""
-    embeds: np.ndarray                              # (B or 2B, S, D)
-    extra: dict = field(default_factory=dict)       # e.g. text_embeds (., P), time_ids (., 6), timestep_cond
+    embeds: np.ndarray                              # (B or 2B, S, D); with negative_embeds: the cond half (B, S, D)
+    extra: dict = field(default_factory=dict)       # e.g. text_embeds (., P), time_ids (., 6): all passes, 2B
+    negative_embeds: np.ndarray | None = None       # (B, S', D) when S' != S: uncond and cond UNet calls run apart
+
+    def passes(self) -> list:
+        """UNet feeds per call: one batched call, or (A1111, lengths differ) uncond then cond in two calls."""
+        if self.negative_embeds is None:
+            return [{"encoder_hidden_states": self.embeds} | self.extra]
+        b = len(self.embeds)
+        return [{"encoder_hidden_states": e} | {k: v[i * b:(i + 1) * b] for k, v in self.extra.items()}
+                for i, e in enumerate((self.negative_embeds, self.embeds))]
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -29,10 +41,10 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
 
 
-def _encode(model, encoder: str, tokenizer, texts: list, penultimate: bool) -> tuple:
-    """(states, pooled) of one text encoder: last (or penultimate) hidden states and its pooled output."""
+def _run_encoder(model, encoder: str, ids: np.ndarray, penultimate: bool) -> tuple:
+    """(states, pooled) of one text encoder on (N, 77) ids: last (or penultimate) hidden states, pooled output."""
     graph = model.graph(encoder)
-    out = graph(input_ids=graph.cast("input_ids", tokenizer(texts)))       # int64 ids; Optimum may declare int32
+    out = graph(input_ids=graph.cast("input_ids", ids))                # int64 ids; Optimum may declare int32
     pooled = out.get("text_embeds", out.get("pooler_output"))
     if not penultimate:
         return out["last_hidden_state"], pooled
@@ -40,22 +52,42 @@ def _encode(model, encoder: str, tokenizer, texts: list, penultimate: bool) -> t
     return out[f"hidden_states.{layers - 2}"], pooled
 
 
-def _encode_all(model, texts: list) -> tuple:
+def _encode_plain(model, encoder: str, tokenizer, texts: list, penultimate: bool) -> tuple:
+    """diffusers' encode_prompt for one encoder: texts truncated to 77 ids (with a warning)."""
+    return _run_encoder(model, encoder, tokenizer(texts), penultimate)
+
+
+def _encode_a1111(model, encoder: str, tokenizer, texts: list, penultimate: bool) -> tuple:
+    """A1111's forward for one encoder: weighted 77-id chunks, emphasis per chunk, states (N, 77 * n, D)."""
+    tok = a1111.clip_chunk_tokenizer(tokenizer)
+    chunks = [a1111.tokenize_line(text, tok).chunks for text in texts]
+    return a1111.encode_a1111(lambda ids: _run_encoder(model, encoder, ids, penultimate), chunks,
+                              a1111.empty_chunk(tok))
+
+
+ENCODERS = {"plain": _encode_plain, "a1111": _encode_a1111}        # prompt syntax -> one encoder's encoding
+
+
+def _encode_all(model, texts: list, syntax: str = "plain") -> tuple:
     """States of every text encoder the model has, concatenated on features, and the last encoder's pool."""
+    from .errors import UserError
+
     present = [(e, t) for e, t in TEXT_ENCODERS if model.has(e)]
     penultimate = "time_ids" in model.graph("unet").inputs       # SDXL family: penultimate layer's states
-    parts = [_encode(model, e, model.tokenizers[t], texts, penultimate) for e, t in present]
+    parts = [ENCODERS[syntax](model, e, model.tokenizers[t], texts, penultimate) for e, t in present]
+    if len({p[0].shape[1] for p in parts}) > 1:
+        raise UserError("the text encoders' tokenizers split this prompt into different chunk counts")
     return np.concatenate([p[0] for p in parts], axis=-1), parts[-1][1]
 
 
 def encode(model, prompts: list, negative_prompt, per_prompt: int, height: int, width: int,
-           guidance: float) -> Conditioning:
+           guidance: float, syntax: str = "plain") -> Conditioning:
     """Everything the UNet needs besides latents and timestep, negative half first when guidance is on."""
     from .errors import UserError
 
-    states, pooled = _encode_all(model, prompts)
+    states, pooled = _encode_all(model, prompts, syntax)
     states, pooled = np.repeat(states, per_prompt, axis=0), np.repeat(pooled, per_prompt, axis=0)  # (B, S, D)
-    extra, negative_ids = {}, None
+    extra, negative_ids, apart = {}, None, None
     unet = model.graph("unet")
     if "time_ids" in unet.inputs:
         ids, negative_ids = time_ids(unet.inputs["time_ids"].shape[1], height, width)
@@ -67,16 +99,19 @@ def encode(model, prompts: list, negative_prompt, per_prompt: int, height: int, 
         if negatives is None and model.facts.force_zeros_for_empty_prompt:
             neg_states, neg_pooled = np.zeros_like(states), np.zeros_like(pooled)
         else:
-            neg_states, neg_pooled = _encode_all(model, negatives or [""] * len(prompts))
+            neg_states, neg_pooled = _encode_all(model, negatives or [""] * len(prompts), syntax)
             neg_states, neg_pooled = np.repeat(neg_states, per_prompt, 0), np.repeat(neg_pooled, per_prompt, 0)
         negative_extra = extra | ({"text_embeds": neg_pooled, "time_ids": np.repeat(negative_ids, len(states), 0)}
                                   if extra else {})
-        states = np.concatenate([neg_states, states])                                     # (2B, S, D)
         extra = {k: np.concatenate([negative_extra[k], v]) for k, v in extra.items()}
+        if neg_states.shape[1] == states.shape[1]:
+            states = np.concatenate([neg_states, states])                                 # (2B, S, D)
+        else:
+            apart = neg_states.astype(np.float32)                                         # (B, S', D)
     if "timestep_cond" in unet.inputs:
         w = np.full((len(states),), guidance - 1.0, dtype=np.float32)
         extra["timestep_cond"] = guidance_embedding(w, unet.inputs["timestep_cond"].shape[1])
-    return Conditioning(states.astype(np.float32), extra)
+    return Conditioning(states.astype(np.float32), extra, apart)
 
 
 def time_ids(n: int, height: int, width: int) -> tuple:

@@ -73,6 +73,19 @@ def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, guida
     return "\n".join(lines)
 
 
+def syntax_fields(texts, syntax: str) -> dict:
+    """{"Prompt syntax": "plain"} when A1111 (which always parses its syntax) would read one of these plain-syntax
+    prompts differently; nothing otherwise, as A1111 writes nothing for its own syntax."""
+    from .a1111 import parse_prompt_attention
+
+    def literal(text: str) -> bool:
+        try:
+            return parse_prompt_attention(text) == [(text, 1.0)]
+        except UserError:
+            return False
+    return {} if syntax != "plain" or all(literal(t) for t in texts) else {"Prompt syntax": "plain"}
+
+
 def output_paths(out: Path, count: int) -> list[Path]:
     """`out` itself for one image; `stem-1.ext`, `stem-2.ext`, ... for several."""
     out = Path(out)

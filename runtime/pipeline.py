@@ -41,11 +41,10 @@ class StableDiffusionPipeline:
         return cls(open_model(Path(folder), provider=provider, threads=threads, verify=verify))
 
     # -- pieces ---------------------------------------------------------------------
-    def unet_constants(self, cond: Conditioning) -> dict:
-        """The UNet inputs that stay the same for every step, placed on the device once."""
+    def unet_constants(self, cond: Conditioning) -> list:
+        """The UNet inputs that stay the same for every step, per UNet call of a step, placed on the device once."""
         g = self.model.graph("unet")
-        feeds = {"encoder_hidden_states": cond.embeds} | cond.extra
-        return {k: g.on_device(k, g.cast(k, v)) for k, v in feeds.items()}
+        return [{k: g.on_device(k, g.cast(k, v)) for k, v in feeds.items()} for feeds in cond.passes()]
 
     def unet(self, latents: np.ndarray, t: float, constants: dict, channels: np.ndarray | None) -> np.ndarray:
         """One UNet call; the timestep is shaped as the graph declares it (rank 0 or per batch)."""
@@ -53,6 +52,14 @@ class StableDiffusionPipeline:
         x = latents if channels is None else np.concatenate([latents, channels], axis=1)
         ts = np.float32(t) if g.input_rank("timestep") == 0 else np.full((x.shape[0],), t, dtype=np.float32)
         return g(sample=g.cast("sample", x), timestep=g.cast("timestep", ts), **constants)["out_sample"]
+
+    def unet_passes(self, latents: np.ndarray, t: float, passes: list, channels: np.ndarray | None) -> np.ndarray:
+        """The UNet output for the whole batch: one call, or one per pass on equal batch slices (uncond, cond)."""
+        if len(passes) == 1:
+            return self.unet(latents, t, passes[0], channels)
+        xs = np.split(latents, len(passes))                                           # (B, C, h, w) each
+        cs = [None] * len(passes) if channels is None else np.split(channels, len(passes))
+        return np.concatenate([self.unet(x, t, p, c) for x, p, c in zip(xs, passes, cs)])
 
     def encode_image(self, pixels: np.ndarray, gen, batch: int) -> np.ndarray:
         """VAE-encode (1, 3, H, W) pixels and sample scaled latents (batch, 4, h, w) from the generator."""
@@ -83,18 +90,20 @@ class StableDiffusionPipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  num_images_per_prompt: int | None = None, generator=None, seed=None,
                  latents: np.ndarray | None = None, image=None, mask_image=None, strength: float | None = None,
-                 scheduler=None, output_type: str | None = None,
+                 scheduler=None, output_type: str | None = None, prompt_syntax: str | None = None,
                  callback: StepCallback | None = None) -> PipelineOutput:
         """Generate images; `image` switches to img2img, `image` + `mask_image` to inpainting.
 
         None means diffusers' default (runtime.request.DEFAULTS; strength 0.8 for img2img, 1.0 otherwise).
         `scheduler` is a name (see runtime.schedulers.scheduler_names), a Scheduler, or None for the folder's own.
+        `prompt_syntax` "plain" (default: literal prompts, as diffusers) or "a1111" (weights, BREAK, long prompts).
         """
         request = GenerationRequest.create(
             prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents, image=image,
-            mask_image=mask_image, strength=strength, scheduler=scheduler, output_type=output_type)
+            mask_image=mask_image, strength=strength, scheduler=scheduler, output_type=output_type,
+            prompt_syntax=prompt_syntax)
         return self.run(request, generator=generator, callback=callback)
 
     def run(self, request: GenerationRequest, generator=None, callback: StepCallback | None = None) -> PipelineOutput:
@@ -111,7 +120,7 @@ class StableDiffusionPipeline:
             raise UserError(f"strength {r.effective_strength} with {r.num_inference_steps} steps leaves no "
                             "denoising step")
         cond = encode(self.model, list(r.prompt), r.negative_prompt, r.num_images_per_prompt, height, width,
-                      r.guidance_scale)
+                      r.guidance_scale, r.prompt_syntax)
         shape = (r.total_images, self.model.facts.latent_channels, height // f, width // f)
         state = _Prepared.build(self, r, sched, plan, start, gen, shape)
         x = self._denoise(r, sched, plan, start, state, self.unet_constants(cond), gen, callback)
@@ -132,14 +141,14 @@ class StableDiffusionPipeline:
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    def _denoise(self, r, sched, plan, start: int, state: "_Prepared", constants: dict, gen, callback) -> np.ndarray:
+    def _denoise(self, r, sched, plan, start: int, state: "_Prepared", constants: list, gen, callback) -> np.ndarray:
         """The denoising loop from step `start`, with classifier-free guidance when it applies."""
         cfg = uses_guidance(self.model, r.guidance_scale)
         x, sstate, steps = state.latents, sched.init_state(plan), len(plan.timesteps) - start
         for n, i in enumerate(range(start, len(plan.timesteps))):
             t = float(plan.timesteps[i])
             x_in = sched.scale_model_input(plan, i, np.concatenate([x, x]) if cfg else x)      # (2B or B, C, h, w)
-            eps = self.unet(x_in, t, constants, state.unet_extra(cfg))
+            eps = self.unet_passes(x_in, t, constants, state.unet_extra(cfg))
             if cfg:
                 uncond, text = np.split(eps, 2)
                 eps = uncond + r.guidance_scale * (text - uncond)

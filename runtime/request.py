@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from .errors import UserError
 
 DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.5, "num_images_per_prompt": 1, "output_type": "pil",
-            "generator_kind": "torch"}
+            "generator_kind": "torch",
+            "prompt_syntax": "plain"}
 STRENGTH = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0}      # per mode, as each diffusers pipeline's default
 OUTPUT_TYPES = ("pil", "np", "latent")
+PROMPT_SYNTAXES = ("plain", "a1111")   # literal (diffusers), or AUTOMATIC1111's weights, BREAK and long prompts
 MAX_STEPS = 1000
 
 
@@ -35,6 +37,7 @@ class GenerationRequest:
     mask_image: object = None                  # with `image`: inpainting, white = repaint
     seed: int | tuple | None = None            # one seed for the batch, or one per image; None: 0
     generator_kind: str = DEFAULTS["generator_kind"]   # "torch" (bit-exact with torch's CPU randn) or "numpy"
+    prompt_syntax: str = DEFAULTS["prompt_syntax"]     # one of PROMPT_SYNTAXES
 
     @classmethod
     def create(cls, prompt, **options) -> "GenerationRequest":
@@ -92,6 +95,7 @@ def _validate(r: GenerationRequest) -> None:
         raise UserError("prompt must be a string or a list of strings")
     if r.negative_prompt is not None and not isinstance(r.negative_prompt, str) and not _texts(r.negative_prompt):
         raise UserError("negative_prompt must be a string or a list of strings")
+    _check_syntax(r)
     if not isinstance(r.num_inference_steps, int) or not 1 <= r.num_inference_steps <= MAX_STEPS:
         raise UserError(f"steps must be an integer in [1, {MAX_STEPS}], got {r.num_inference_steps!r}")
     if not _number(r.guidance_scale) or not math.isfinite(r.guidance_scale) or r.guidance_scale < 0:
@@ -110,6 +114,20 @@ def _validate(r: GenerationRequest) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     r.generator()                        # seeds and generator kind: SeedError (a UserError) when unusable
+
+
+def _check_syntax(r: GenerationRequest) -> None:
+    """A known prompt syntax; in a1111 mode every prompt must read as written (runtime.a1111.check_prompt)."""
+    if r.prompt_syntax not in PROMPT_SYNTAXES:
+        raise UserError(f"prompt_syntax must be {' or '.join(PROMPT_SYNTAXES)}, got {r.prompt_syntax!r}")
+    if r.prompt_syntax != "a1111":
+        return
+    from .a1111 import check_prompt
+
+    negatives = (r.negative_prompt,) if isinstance(r.negative_prompt, str) else r.negative_prompt or ()
+    for label, texts in (("prompt", r.prompt), ("negative prompt", negatives)):
+        for i, text in enumerate(texts):
+            check_prompt(text, label if len(texts) == 1 else f"{label} {i}")
 
 
 def check_size(height: int, width: int, factor: int) -> None:
