@@ -56,9 +56,95 @@ def _load_latents(path: str | None):
         raise UserError(f"--latents {path}: cannot read a .npy array ({e})") from None
 
 
+FILLS = ("fill", "original", "latent-noise", "latent-nothing")    # A1111's inpainting_fill 0..3
+INPAINT_FLAGS = ("mask_blur", "inpaint_full_res", "inpaint_padding", "inpainting_fill", "invert_mask")
+
+
+def _given(ctx, name: str) -> bool:
+    """Whether the user passed option `name` (on the command line or through the environment)."""
+    return ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                              click.core.ParameterSource.ENVIRONMENT)
+
+
+def _from_png(ctx, path: str, values: dict) -> None:
+    """Fill the options the user did not pass from an A1111 PNG's `parameters`; warn about fields we ignore."""
+    from .a1111.infotext import parameters_from_png
+
+    p = parameters_from_png(path)
+    unknown = dict(p.unknown)
+    plain = unknown.pop("Prompt syntax", "").strip().lower() == "plain"
+    if p.clip_skip != 1:
+        unknown["Clip skip"] = str(p.clip_skip)
+    found = {"prompt": p.prompt, "negative_prompt": p.negative_prompt or None, "steps": p.steps,
+             "scheduler": (p.sampler, p.schedule_type) if p.sampler else None, "guidance": p.cfg_scale,
+             "seed": None if p.seed is None else str(p.seed), "width": p.width, "height": p.height,
+             "prompt_syntax": "plain" if plain else "a1111",
+             "strength": p.denoising_strength if values["init_image"] else None}
+    values.update({k: v for k, v in found.items() if v is not None and not _given(ctx, k)})
+    if unknown:
+        click.echo(f"warning: {path}: ignored A1111 fields: {', '.join(unknown)}", err=True)
+
+
+def _scheduler(spec, model):
+    """A name as the request takes it, or a Scheduler for a PNG's (A1111 sampler, schedule type)."""
+    from .schedulers import from_config, resolve_sampler
+
+    if not isinstance(spec, tuple):
+        return spec
+    try:
+        name, overrides = resolve_sampler(*spec)
+        return from_config(model.facts.scheduler_config, name, **overrides) if model else None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _inpaint_options(ctx, values: dict):
+    """InpaintOptions when an A1111 mask option or --outpaint is given; None keeps diffusers' inpainting."""
+    if values["outpaint"] is None and not any(_given(ctx, n) for n in INPAINT_FLAGS):
+        return None
+    from .a1111.inpaint import InpaintOptions
+
+    return InpaintOptions(mask_blur=values["mask_blur"], inpaint_full_res=values["inpaint_full_res"],
+                          inpaint_full_res_padding=values["inpaint_padding"],
+                          inpainting_fill=values["inpainting_fill"].replace("-", " "),
+                          inpainting_mask_invert=values["invert_mask"])
+
+
+def _outpaint(text: str, image, values: dict):
+    """--outpaint LEFT,TOP,RIGHT,BOTTOM: the enlarged canvas and its mask (runtime.a1111.inpaint.Outpaint)."""
+    from .a1111.inpaint import outpaint_canvas
+
+    if image is None or values["mask"]:
+        raise UserError("--outpaint needs --init-image and makes its own mask (leave out --mask)")
+    try:
+        sides = [int(v) for v in text.split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) != 4:
+        raise UserError(f"--outpaint must be LEFT,TOP,RIGHT,BOTTOM in pixels, got {text!r}")
+    grown = outpaint_canvas(image, *sides)
+    w, h = grown.canvas.size
+    if not values["inpaint_full_res"] and ((values["width"] or w, values["height"] or h) != (w, h) or w % 8 or h % 8):
+        raise UserError(f"--outpaint paints the {w}x{h} canvas: leave out --width/--height and give an "
+                        "--init-image whose sides are multiples of 8, or add --inpaint-full-res")
+    return grown
+
+
+def _restore(images, grown):
+    """The original region of an outpainted canvas put back pixel for pixel: (N, H, W, 3) in [0, 1]."""
+    import numpy as np
+
+    x1, y1, x2, y2 = grown.keep
+    images = images.copy()
+    images[:, y1:y2, x1:x2] = np.asarray(grown.canvas, dtype=np.float32)[y1:y2, x1:x2] / 255.0
+    return images
+
+
 @main.command()
 @click.option("--model", required=True, type=click.Path(), help="An exported model folder.")
-@click.option("--prompt", required=True, help="What to draw.")
+@click.option("--prompt", default=None, help="What to draw (required unless --from-png gives it).")
+@click.option("--from-png", type=click.Path(), default=None,
+              help="Take prompt, sampler, steps, CFG, seed and size from an AUTOMATIC1111 PNG; options given win.")
 @click.option("--negative-prompt", default=None, help="What to avoid.")
 @click.option("--prompt-syntax", type=click.Choice(PROMPT_SYNTAXES), default=DEFAULTS["prompt_syntax"],
               show_default=True, help="plain: literal, as diffusers (77 tokens); a1111: (weights:1.2), BREAK, "
@@ -78,6 +164,14 @@ def _load_latents(path: str | None):
 @click.option("--strength", type=float, default=None,
               help=f"img2img strength in [0, 1] (default {STRENGTH['img2img']}; {STRENGTH['inpaint']} with --mask).")
 @click.option("--mask", type=click.Path(), default=None, help="Inpainting mask (white = repaint).")
+@click.option("--mask-blur", type=float, default=4, show_default=True, help="A1111 mask blur (Gaussian sigma, px).")
+@click.option("--inpaint-full-res", is_flag=True, help="A1111 'only masked': repaint a crop around the mask.")
+@click.option("--inpaint-padding", type=int, default=0, show_default=True, help="Pixels kept around that crop.")
+@click.option("--inpainting-fill", type=click.Choice(FILLS), default=FILLS[0], show_default=True,
+              help="What the masked area starts from, as A1111's 'masked content'.")
+@click.option("--invert-mask", is_flag=True, help="Repaint the black area of the mask instead of the white.")
+@click.option("--outpaint", default=None, metavar="L,T,R,B",
+              help="Extend --init-image by these pixels (multiples of 8) on each side and paint the new area.")
 @click.option("--latents", type=click.Path(), default=None, help="Initial latents as .npy (N, 4, H/8, W/8).")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, tensorrt or directml.")
 @click.option("--threads", default=0, type=int, help="Intra-op threads (0 = onnxruntime default).")
@@ -85,9 +179,22 @@ def _load_latents(path: str | None):
 @click.option("--out", required=True, type=click.Path(), help="Output .png (several get -1, -2 ...) or .npy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @debug_option
-def generate(model, prompt, negative_prompt, prompt_syntax, steps, guidance, seed, gen_kind, scheduler, width,
-             height, batch, init_image, strength, mask, latents, provider, threads, no_verify, out, quiet):
+@click.pass_context
+def generate(ctx, **values):
     """Generate images from a prompt (txt2img, img2img with --init-image, inpainting with --mask)."""
+    if values["from_png"]:
+        _from_png(ctx, values["from_png"], values)
+    if values["prompt"] is None:
+        raise UserError("--prompt is required (or --from-png with a prompt in its parameters)")
+    _generate(ctx, values, **values)
+
+
+def _generate(ctx, values, model, prompt, negative_prompt, prompt_syntax, steps, guidance, seed, gen_kind,
+              scheduler, width, height, batch, init_image, strength, mask, latents, provider, threads, no_verify,
+              out, quiet, outpaint, **_):
+    """generate, once the PNG's values are merged in."""
+    from dataclasses import replace
+
     from .atomic import check_writable_parent
     from .images import open_image
     from .pipeline import StableDiffusionPipeline
@@ -109,16 +216,23 @@ def generate(model, prompt, negative_prompt, prompt_syntax, steps, guidance, see
     if mask_image is not None and image is not None and mask_image.size != image.size:
         raise UserError(f"--mask is {mask_image.size[0]}x{mask_image.size[1]} but --init-image is "
                         f"{image.size[0]}x{image.size[1]}; they must be the same size")
+    grown = _outpaint(outpaint, image, values) if outpaint is not None else None
+    if grown is not None:
+        image, mask_image = grown
+    _scheduler(scheduler, None)                   # an unknown PNG sampler fails before the model loads
     seed_value = _parse_seed(seed, batch)
     request = GenerationRequest.create(
         _valid_text(prompt, "--prompt"), negative_prompt=_valid_text(negative_prompt, "--negative-prompt"),
         height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
         seed=seed_value, generator_kind=gen_kind, latents=_load_latents(latents), image=image,
-        mask_image=mask_image, strength=strength, scheduler=scheduler, output_type="np",
-        prompt_syntax=prompt_syntax)
+        mask_image=mask_image, strength=strength, scheduler=None if isinstance(scheduler, tuple) else scheduler,
+        output_type="np", prompt_syntax=prompt_syntax, inpaint=_inpaint_options(ctx, values))
     pipe = StableDiffusionPipeline.from_pretrained(model, provider=provider, threads=threads, verify=not no_verify)
+    if isinstance(scheduler, tuple):
+        request = replace(request, scheduler=_scheduler(scheduler, pipe.model))
     result = _run_reporting(pipe, request, quiet)
-    _write(out, result.images, request, result.scheduler, model)
+    images = result.images if grown is None else _restore(result.images, grown)
+    _write(out, images, request, result.sampler, model)
 
 
 def _run_reporting(pipe, request, quiet: bool):
@@ -163,10 +277,9 @@ class _ProgressBar:
                 click.echo("", err=True)
 
 
-def _write(out: Path, images, request, scheduler: str, model) -> None:
-    """Write .npy, or PNGs with AUTOMATIC1111-style parameters."""
+def _write(out: Path, images, request, sampler: tuple, model) -> None:
+    """Write .npy, or PNGs with AUTOMATIC1111-style parameters; sampler: (A1111 sampler, schedule type)."""
     from .images import a1111_parameters, output_paths, save_npy, save_png, syntax_fields, to_uint8
-    from .schedulers import a1111_name
 
     if out.suffix.lower() == ".npy":
         save_npy(out, images)
@@ -174,9 +287,11 @@ def _write(out: Path, images, request, scheduler: str, model) -> None:
         return
     seed, paths = request.seed, output_paths(out, len(images))
     noted = syntax_fields((request.prompt[0], request.negative_prompt or ""), request.prompt_syntax)
+    if request.image is not None:
+        noted["Denoising strength"] = request.effective_strength
     for i, (path, img) in enumerate(zip(paths, to_uint8(images))):
         params = a1111_parameters(request.prompt[0], request.negative_prompt or "", request.num_inference_steps,
-                                  a1111_name(scheduler), request.guidance_scale,
+                                  sampler, request.guidance_scale,
                                   seed[i] if isinstance(seed, tuple) else seed, img.shape[1], img.shape[0],
                                   Path(model).name, noted)
         save_png(path, img, params)

@@ -61,15 +61,18 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, guidance: float, seed, width: int,
-                     height: int, model: str, extra: dict | None = None) -> str:
-    """The `parameters` text AUTOMATIC1111 writes into its PNGs."""
+def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str | tuple, guidance: float, seed,
+                     width: int, height: int, model: str, extra: dict | None = None) -> str:
+    """The `parameters` text AUTOMATIC1111 writes into its PNGs; sampler: a name or (sampler, schedule type)."""
+    from .a1111.infotext import quote
+
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
-    fields = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance, "Seed": seed,
+    sampler, schedule = sampler if isinstance(sampler, tuple) else (sampler, None)
+    fields = {"Steps": steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": guidance, "Seed": seed,
               "Size": f"{width}x{height}", "Model": model} | (extra or {})
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
 
 

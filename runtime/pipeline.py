@@ -5,7 +5,7 @@ References: diffusers StableDiffusionPipeline / StableDiffusionImg2ImgPipeline /
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +17,7 @@ from .errors import UserError
 from .model import Model, open_model
 from .randn import BatchGenerator
 from .request import GenerationRequest, check_size
-from .schedulers import Scheduler, from_config
+from .schedulers import Scheduler, a1111_sampler, from_config
 
 StepCallback = Callable[[int, int, float, np.ndarray], None]   # (step, total, timestep, latents)
 
@@ -27,6 +27,7 @@ class PipelineOutput:
     """Images as PIL list, (N, H, W, 3) float array, or latents, per output_type."""
     images: object
     scheduler: str = ""          # the scheduler's registry name, e.g. "pndm"
+    sampler: tuple = ("", None)  # (A1111 sampler, schedule type) for the infotext, e.g. ("DPM++ 2M", "Karras")
 
 
 class StableDiffusionPipeline:
@@ -91,19 +92,20 @@ class StableDiffusionPipeline:
                  num_images_per_prompt: int | None = None, generator=None, seed=None,
                  latents: np.ndarray | None = None, image=None, mask_image=None, strength: float | None = None,
                  scheduler=None, output_type: str | None = None, prompt_syntax: str | None = None,
-                 callback: StepCallback | None = None) -> PipelineOutput:
+                 inpaint=None, callback: StepCallback | None = None) -> PipelineOutput:
         """Generate images; `image` switches to img2img, `image` + `mask_image` to inpainting.
 
         None means diffusers' default (runtime.request.DEFAULTS; strength 0.8 for img2img, 1.0 otherwise).
         `scheduler` is a name (see runtime.schedulers.scheduler_names), a Scheduler, or None for the folder's own.
         `prompt_syntax` "plain" (default: literal prompts, as diffusers) or "a1111" (weights, BREAK, long prompts).
+        `inpaint` (runtime.a1111.inpaint.InpaintOptions) applies A1111's mask blur, crop and fill to inpainting.
         """
         request = GenerationRequest.create(
             prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents, image=image,
             mask_image=mask_image, strength=strength, scheduler=scheduler, output_type=output_type,
-            prompt_syntax=prompt_syntax)
+            prompt_syntax=prompt_syntax, inpaint=inpaint)
         return self.run(request, generator=generator, callback=callback)
 
     def run(self, request: GenerationRequest, generator=None, callback: StepCallback | None = None) -> PipelineOutput:
@@ -112,6 +114,11 @@ class StableDiffusionPipeline:
         height, width = self._size(r)
         f = self.model.facts.vae_scale_factor
         check_size(height, width, f)
+        prep = None
+        if r.inpaint is not None:            # A1111 mask handling: blur, crop, fill; pasted back after decoding
+            from .a1111.inpaint import prepare
+            prep = prepare(r.image, r.mask_image, width, height, r.inpaint)
+            r = replace(r, image=prep.image, mask_image=prep.mask)
         self.model.check_shape(r.total_images, height, width)
         gen = generator or r.generator()
         sched, plan = self._schedule(r)
@@ -122,15 +129,18 @@ class StableDiffusionPipeline:
         cond = encode(self.model, list(r.prompt), r.negative_prompt, r.num_images_per_prompt, height, width,
                       r.guidance_scale, r.prompt_syntax)
         shape = (r.total_images, self.model.facts.latent_channels, height // f, width // f)
-        state = _Prepared.build(self, r, sched, plan, start, gen, shape)
+        state = _Prepared.build(self, r, sched, plan, start, gen, shape, prep)
         x = self._denoise(r, sched, plan, start, state, self.unet_constants(cond), gen, callback)
+        names = sched.name, a1111_sampler(sched)
         if r.output_type == "latent":
-            return PipelineOutput(x, sched.name)
+            return PipelineOutput(x, *names)
         decoded = self.decode(x)
+        if prep is not None:
+            decoded = _pasted_back(decoded, prep)
         if r.output_type == "np":
-            return PipelineOutput(decoded, sched.name)
+            return PipelineOutput(decoded, *names)
         from PIL import Image
-        return PipelineOutput([Image.fromarray(a) for a in imgs.to_uint8(decoded)], sched.name)
+        return PipelineOutput([Image.fromarray(a) for a in imgs.to_uint8(decoded)], *names)
 
     def _schedule(self, r: GenerationRequest) -> tuple:
         """The request's scheduler (or the folder's) and its plan for the requested steps."""
@@ -170,6 +180,14 @@ class StableDiffusionPipeline:
         return int(r.height or d), int(r.width or d)
 
 
+def _pasted_back(decoded: np.ndarray, prep) -> np.ndarray:
+    """Each generated image (N, h, w, 3) put back into the original with its unmasked pixels: (N, H, W, 3)."""
+    from .a1111.inpaint import paste_back
+
+    pasted = [np.asarray(paste_back(a, prep), dtype=np.float32) / 255.0 for a in imgs.to_uint8(decoded)]
+    return np.stack(pasted)
+
+
 @dataclass
 class _Prepared:
     """Initial latents plus what img2img/inpainting needs inside the loop."""
@@ -180,7 +198,7 @@ class _Prepared:
     noise: np.ndarray | None = None
 
     @staticmethod
-    def build(pipe, r: GenerationRequest, sched, plan, start: int, gen, shape: tuple) -> "_Prepared":
+    def build(pipe, r: GenerationRequest, sched, plan, start: int, gen, shape: tuple, prep=None) -> "_Prepared":
         """Draw the initial latents (shape (B, C, h, w)) in diffusers' generator order for the request's mode."""
         latents = None
         if r.latents is not None:
@@ -197,16 +215,22 @@ class _Prepared:
             noise = gen.randn(shape) if latents is None else latents
             return _Prepared(sched.add_noise(plan, start, init, noise))
         mask = imgs.preprocess_mask(r.mask_image, shape[3] * f, shape[2] * f)             # (1, 1, H, W)
-        return _Prepared._inpaint(pipe, sched, plan, start, gen, shape, latents, pixels, mask)
+        return _Prepared._inpaint(pipe, sched, plan, start, gen, shape, latents, pixels, mask, prep)
 
     @staticmethod
-    def _inpaint(pipe, sched, plan, start, gen, shape, latents, pixels, mask) -> "_Prepared":
-        """StableDiffusionInpaintPipeline.prepare_latents + prepare_mask_latents."""
+    def _inpaint(pipe, sched, plan, start, gen, shape, latents, pixels, mask, prep=None) -> "_Prepared":
+        """StableDiffusionInpaintPipeline.prepare_latents + prepare_mask_latents; `prep`: A1111's latent fills."""
         nine = pipe.model.facts.unet_in_channels == 9
-        full = start == 0
+        latent_fill = prep is not None and prep.fill in (2, 3)
+        full = start == 0 and not latent_fill          # latent fills start from the (filled) image, as A1111
         image_latents = None
-        if not nine or (latents is None and not full):
+        if not nine or latent_fill or (latents is None and not full):
             image_latents = pipe.encode_image(pixels, gen, shape[0])
+        if latent_fill:
+            from .a1111.inpaint import initial_latents
+            lmask = prep.latent_mask(shape[2], shape[3])                   # (1, 1, h, w)
+            randn = gen.randn(shape) if prep.fill == 2 else None
+            image_latents = initial_latents(image_latents, lmask, prep.fill, randn).astype(np.float32)
         if latents is None:
             noise = gen.randn(shape)
             x = noise * plan.init_noise_sigma if full else sched.add_noise(plan, start, image_latents, noise)

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .a1111.inpaint import InpaintOptions
 
 DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.5, "num_images_per_prompt": 1, "output_type": "pil",
             "generator_kind": "torch",
@@ -38,6 +42,7 @@ class GenerationRequest:
     seed: int | tuple | None = None            # one seed for the batch, or one per image; None: 0
     generator_kind: str = DEFAULTS["generator_kind"]   # "torch" (bit-exact with torch's CPU randn) or "numpy"
     prompt_syntax: str = DEFAULTS["prompt_syntax"]     # one of PROMPT_SYNTAXES
+    inpaint: InpaintOptions | None = None      # A1111 mask options (runtime.a1111.inpaint); None: as diffusers
 
     @classmethod
     def create(cls, prompt, **options) -> "GenerationRequest":
@@ -109,11 +114,24 @@ def _validate(r: GenerationRequest) -> None:
                         f"got {r.output_type!r}")
     if r.mask_image is not None and r.image is None:
         raise UserError("a mask needs an init image (--init-image)")
+    _check_inpaint(r)
     for name in ("height", "width"):
         value = getattr(r, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     r.generator()                        # seeds and generator kind: SeedError (a UserError) when unusable
+
+
+def _check_inpaint(r: GenerationRequest) -> None:
+    """Inpaint options must be an InpaintOptions and come with a mask."""
+    if r.inpaint is None:
+        return
+    from .a1111.inpaint import InpaintOptions
+
+    if not isinstance(r.inpaint, InpaintOptions):
+        raise UserError(f"inpaint must be runtime.a1111.inpaint.InpaintOptions, got {type(r.inpaint).__name__}")
+    if r.mask_image is None:
+        raise UserError("inpaint options need an init image and a mask (--init-image, --mask)")
 
 
 def _check_syntax(r: GenerationRequest) -> None:
