@@ -9,6 +9,7 @@ import click
 
 from .cliutil import FriendlyGroup, debug_option
 from .errors import UserError
+from .cli_a1111 import apply_png_parameters, inpaint_options, outpaint_request, restore_original, sampler_scheduler
 from .request import DEFAULTS, PROMPT_SYNTAXES, STRENGTH
 
 
@@ -57,89 +58,6 @@ def _load_latents(path: str | None):
 
 
 FILLS = ("fill", "original", "latent-noise", "latent-nothing")    # A1111's inpainting_fill 0..3
-INPAINT_FLAGS = ("mask_blur", "inpaint_full_res", "inpaint_padding", "inpainting_fill", "invert_mask")
-
-
-def _given(ctx, name: str) -> bool:
-    """Whether the user passed option `name` (on the command line or through the environment)."""
-    return ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
-                                              click.core.ParameterSource.ENVIRONMENT)
-
-
-def _from_png(ctx, path: str, values: dict) -> None:
-    """Fill the options the user did not pass from an A1111 PNG's `parameters`; warn about fields we ignore."""
-    from .a1111.infotext import parameters_from_png
-
-    p = parameters_from_png(path)
-    unknown = dict(p.unknown)
-    plain = unknown.pop("Prompt syntax", "").strip().lower() == "plain"
-    if p.clip_skip != 1:
-        unknown["Clip skip"] = str(p.clip_skip)
-    found = {"prompt": p.prompt, "negative_prompt": p.negative_prompt or None, "steps": p.steps,
-             "scheduler": (p.sampler, p.schedule_type) if p.sampler else None, "guidance": p.cfg_scale,
-             "seed": None if p.seed is None else str(p.seed), "width": p.width, "height": p.height,
-             "prompt_syntax": "plain" if plain else "a1111",
-             "strength": p.denoising_strength if values["init_image"] else None}
-    values.update({k: v for k, v in found.items() if v is not None and not _given(ctx, k)})
-    if unknown:
-        click.echo(f"warning: {path}: ignored A1111 fields: {', '.join(unknown)}", err=True)
-
-
-def _scheduler(spec, model):
-    """A name as the request takes it, or a Scheduler for a PNG's (A1111 sampler, schedule type)."""
-    from .schedulers import from_config, resolve_sampler
-
-    if not isinstance(spec, tuple):
-        return spec
-    try:
-        name, overrides = resolve_sampler(*spec)
-        return from_config(model.facts.scheduler_config, name, **overrides) if model else None
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def _inpaint_options(ctx, values: dict):
-    """InpaintOptions when an A1111 mask option or --outpaint is given; None keeps diffusers' inpainting."""
-    if values["outpaint"] is None and not any(_given(ctx, n) for n in INPAINT_FLAGS):
-        return None
-    from .a1111.inpaint import InpaintOptions
-
-    return InpaintOptions(mask_blur=values["mask_blur"], inpaint_full_res=values["inpaint_full_res"],
-                          inpaint_full_res_padding=values["inpaint_padding"],
-                          inpainting_fill=values["inpainting_fill"].replace("-", " "),
-                          inpainting_mask_invert=values["invert_mask"])
-
-
-def _outpaint(text: str, image, values: dict):
-    """--outpaint LEFT,TOP,RIGHT,BOTTOM: the enlarged canvas and its mask (runtime.a1111.inpaint.Outpaint)."""
-    from .a1111.inpaint import outpaint_canvas
-
-    if image is None or values["mask"]:
-        raise UserError("--outpaint needs --init-image and makes its own mask (leave out --mask)")
-    try:
-        sides = [int(v) for v in text.split(",")]
-    except ValueError:
-        sides = []
-    if len(sides) != 4:
-        raise UserError(f"--outpaint must be LEFT,TOP,RIGHT,BOTTOM in pixels, got {text!r}")
-    grown = outpaint_canvas(image, *sides)
-    w, h = grown.canvas.size
-    if not values["inpaint_full_res"] and ((values["width"] or w, values["height"] or h) != (w, h) or w % 8 or h % 8):
-        raise UserError(f"--outpaint paints the {w}x{h} canvas: leave out --width/--height and give an "
-                        "--init-image whose sides are multiples of 8, or add --inpaint-full-res")
-    return grown
-
-
-def _restore(images, grown):
-    """The original region of an outpainted canvas put back pixel for pixel: (N, H, W, 3) in [0, 1]."""
-    import numpy as np
-
-    x1, y1, x2, y2 = grown.keep
-    images = images.copy()
-    images[:, y1:y2, x1:x2] = np.asarray(grown.canvas, dtype=np.float32)[y1:y2, x1:x2] / 255.0
-    return images
-
-
 @main.command()
 @click.option("--model", required=True, type=click.Path(), help="An exported model folder.")
 @click.option("--prompt", default=None, help="What to draw (required unless --from-png gives it).")
@@ -183,7 +101,7 @@ def _restore(images, grown):
 def generate(ctx, **values):
     """Generate images from a prompt (txt2img, img2img with --init-image, inpainting with --mask)."""
     if values["from_png"]:
-        _from_png(ctx, values["from_png"], values)
+        apply_png_parameters(ctx, values["from_png"], values)
     if values["prompt"] is None:
         raise UserError("--prompt is required (or --from-png with a prompt in its parameters)")
     _generate(ctx, values, **values)
@@ -216,22 +134,22 @@ def _generate(ctx, values, model, prompt, negative_prompt, prompt_syntax, steps,
     if mask_image is not None and image is not None and mask_image.size != image.size:
         raise UserError(f"--mask is {mask_image.size[0]}x{mask_image.size[1]} but --init-image is "
                         f"{image.size[0]}x{image.size[1]}; they must be the same size")
-    grown = _outpaint(outpaint, image, values) if outpaint is not None else None
+    grown = outpaint_request(outpaint, image, values) if outpaint is not None else None
     if grown is not None:
         image, mask_image = grown
-    _scheduler(scheduler, None)                   # an unknown PNG sampler fails before the model loads
+    sampler_scheduler(scheduler, None)                   # an unknown PNG sampler fails before the model loads
     seed_value = _parse_seed(seed, batch)
     request = GenerationRequest.create(
         _valid_text(prompt, "--prompt"), negative_prompt=_valid_text(negative_prompt, "--negative-prompt"),
         height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
         seed=seed_value, generator_kind=gen_kind, latents=_load_latents(latents), image=image,
         mask_image=mask_image, strength=strength, scheduler=None if isinstance(scheduler, tuple) else scheduler,
-        output_type="np", prompt_syntax=prompt_syntax, inpaint=_inpaint_options(ctx, values))
+        output_type="np", prompt_syntax=prompt_syntax, inpaint=inpaint_options(ctx, values))
     pipe = StableDiffusionPipeline.from_pretrained(model, provider=provider, threads=threads, verify=not no_verify)
     if isinstance(scheduler, tuple):
-        request = replace(request, scheduler=_scheduler(scheduler, pipe.model))
+        request = replace(request, scheduler=sampler_scheduler(scheduler, pipe.model))
     result = _run_reporting(pipe, request, quiet)
-    images = result.images if grown is None else _restore(result.images, grown)
+    images = result.images if grown is None else restore_original(result.images, grown)
     _write(out, images, request, result.sampler, model)
 
 

@@ -4,9 +4,9 @@ import pytest
 from PIL import Image
 
 from runtime.a1111.inpaint import (
-    FILL_MODES, InpaintOptions, blend_latents, blur_mask, crop_region, expand_crop_region, fill_index,
-    gaussian_kernel, initial_latents, outpaint_canvas, paste_back, prepare, resize_image,
+    FILL_MODES, InpaintOptions, blend_latents, fill_index, initial_latents, outpaint_canvas, paste_back, prepare,
 )
+from runtime.a1111.masking import blur_mask, crop_region, expand_crop_region, gaussian_kernel, resize_image
 from runtime.errors import UserError
 
 RNG = np.random.default_rng(1234)
