@@ -21,11 +21,24 @@ def _disk_full(e: BaseException, dest: Path, existed: bool, what: str) -> UserEr
     return UserError(f"disk full while writing {dest} ({e.strerror or 'no space left on device'}); {kept}")
 
 
+def _umask() -> int:
+    """The process umask, read from /proc where Linux reports it: setting and restoring it (the portable way)
+    briefly changes it for every thread, which a server writing files from several threads must not do."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _umask_mode(directory: bool) -> int:
     """Permissions a plain mkdir / open gets under the umask (0755 / 0644 under 022), as save_pretrained's files."""
-    mask = os.umask(0o022)          # reading the umask means setting it; put back at once
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def check_writable_parent(dest: Path) -> None:

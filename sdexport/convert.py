@@ -168,13 +168,11 @@ def verify_folder(folder: Path, model: str, progress: Progress = _no_progress, o
     checks = []
     for name, info in manifest.graphs.items():
         if name not in specs:
-            checks.append(Check(name, "-", float("nan"), float("nan"), False, "shipped",
-                                not_run=f"model {model!r} has no {name} to compare with"))
+            checks.append(not_run(name, "shipped", f"model {model!r} has no {name} to compare with"))
             continue
         progress(f"verifying {name}")
         providers = tuple(dict.fromkeys((info.provider, *fallbacks, "CPUExecutionProvider")))
         checks += verify_graph(specs[name], components.module(specs[name]), Path(folder) / info.file,
                                components.configs, info.precision, "shipped", providers)
-    checks += [not_run(s, "shipped", "not in this folder's manifest") for n, s in specs.items()
-               if n not in manifest.graphs]
+    checks += [not_run(n, "shipped", "not in this folder's manifest") for n in specs if n not in manifest.graphs]
     return checks

@@ -156,9 +156,9 @@ def load_components(source: Source, overrides: dict | None = None) -> Components
             raise UserError(f"--{name.replace('_', '-')}: this model has no {name} to replace")
         replaced[name] = component_folder(path, name)
         configs[name] = _read_config(replaced[name])
-    modules = {spec.module: None for spec in component_specs(configs)}
-    for name in modules:
-        modules[name] = _load(source_classes()[name], replaced.get(name, folder / name), name)
+    classes = source_classes()
+    modules = {name: _load(classes[name], replaced.get(name, folder / name), name)
+               for name in dict.fromkeys(spec.module for spec in component_specs(configs))}
     return Components(source, index, modules, json.loads(sched_path.read_text()), configs,
                       {k: str(v.resolve()) for k, v in replaced.items()})
 

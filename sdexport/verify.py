@@ -61,9 +61,9 @@ class Check:
         return asdict(self) | {"ok": self.ok}
 
 
-def not_run(spec: ComponentSpec, stage: str, reason: str) -> Check:
+def not_run(component: str, stage: str, reason: str) -> Check:
     """The record of a graph that could not be run here."""
-    return Check(spec.name, "-", float("nan"), float("nan"), False, stage, not_run=reason)
+    return Check(component, "-", float("nan"), float("nan"), False, stage, not_run=reason)
 
 
 def graph_precision(graph: Path, declared: str) -> str:
@@ -118,7 +118,7 @@ def verify_graph(spec: ComponentSpec, module, graph: Path, configs: dict, precis
     """Check one graph at every sample case of its spec, or one "not run" record saying why it cannot run here."""
     session, why = session_for(graph, providers)
     if session is None:
-        return [not_run(spec, stage, why)]
+        return [not_run(spec.name, stage, why)]
     precision = graph_precision(graph, precision)
     return [compare(spec, module, session, dims(configs, *case), seed=i, stage=stage, precision=precision)
             for i, case in enumerate(spec.sample_cases(configs))]
