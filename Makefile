@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0          # the CPU build; install it before anything that depends on torch
-	$(PY) -m pip install -q -e ".[export,bench,test]"
+	$(PY) -m pip install -q -e ".[export,bench,test,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

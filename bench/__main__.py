@@ -20,8 +20,8 @@ from .models import BUILDERS, skip_reason
 from .runner import Spec, execute
 
 PRESETS = Path(__file__).parent / "presets.toml"
-BACKENDS = ("diffusers-torch", "runtime-ort")
-PACKAGES = ("sdexport", "onnxruntime", "torch", "diffusers", "transformers", "numpy")
+BACKENDS = ("diffusers-torch", "runtime-ort", "runtime-openvino", "diffusers-torch-bf16")
+PACKAGES = ("sdexport", "onnxruntime", "openvino", "torch", "diffusers", "transformers", "numpy")
 
 
 def load_preset(name: str, config: Path = PRESETS) -> dict:
@@ -45,12 +45,16 @@ def plan(preset: dict) -> list[Spec]:
 
 
 def backend_specs(backend: str, variants: list, model: str, shape: dict) -> list[Spec]:
-    """Specs of one backend entry: diffusers-torch, runtime-ort or runtime-ort:PROFILE."""
+    """Specs of one backend entry: diffusers-torch[-bf16], runtime-ort[:PROFILE] or runtime-openvino[:PROFILE]."""
     name, _, only = backend.partition(":")
     if name not in BACKENDS:
         raise SystemExit(f"error: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if name == "diffusers-torch":
         return [Spec(backend=name, model=model, reference=True, **shape)]
+    if name == "diffusers-torch-bf16":                          # bf16 autocast, compared with the fp32 reference
+        return [Spec(backend=name, model=model, variant="bf16", provider=None, **shape)]
+    if name == "runtime-openvino":
+        return openvino_specs(only or "openvino", model, shape)
     from sdexport.profiles import profile_names
 
     return [spec for profile in ([only] if only else profile_names())
@@ -69,9 +73,20 @@ def profile_specs(name: str, variants: list, model: str, shape: dict) -> list[Sp
     available = ort.get_available_providers()
     reason = None if profile.provider in available else (
         f"onnxruntime has no {profile.provider} (available: {', '.join(available)})")
+    if provider == "openvino":
+        reason = "the openvino profile runs on the runtime-openvino backend"
     cpu_only = profile.provider == "CPUExecutionProvider"
     return [Spec(backend="runtime-ort", model=model, provider=provider, profile=name, variant=v,
                  reason=reason, **shape) for v in variants if v == "fp32" or cpu_only]
+
+
+def openvino_specs(profile: str, model: str, shape: dict) -> list[Spec]:
+    """The openvino provider at OpenVINO's own precision choice and at the f32 hint (same export)."""
+    from runtime.openvino_backend import available
+
+    reason = None if available() else 'openvino is not installed (pip install "sdexport[openvino]")'
+    return [Spec(backend="runtime-openvino", model=model, provider="openvino", profile=profile, variant=v,
+                 reason=reason, **shape) for v in ("default", "fp32")]
 
 
 def run_all(specs: list[Spec], work: Path, machine: str) -> list[Run]:
@@ -110,10 +125,22 @@ def environment(machine: str | None = None) -> Environment:
 
     from sdexport.convert import tool_versions
 
-    versions = {k: v for k, v in tool_versions().items() if k in PACKAGES}
-    return Environment(machine_id=machine or socket.gethostname(), cpu=_cpu_name(), cores=os.cpu_count(),
+    versions = {k: v for k, v in tool_versions().items() if k in PACKAGES} | {"openvino": _version("openvino")}
+    from .cpuinfo import cpu_info, describe
+
+    return Environment(machine_id=machine or socket.gethostname(), cpu=describe(cpu_info()), cores=os.cpu_count(),
                        ram_gb=round(psutil.virtual_memory().total / 1e9, 1), gpu=_gpu_name(),
                        os=platform.platform(), python=platform.python_version(), versions=versions)
+
+
+def _version(package: str) -> str | None:
+    """An installed package's version, or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _cpu_name() -> str | None:
@@ -143,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=PRESETS, help="presets TOML file")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/PRESET)")
     p.add_argument("--models", help=f"comma-separated models: {', '.join(BUILDERS)} or diffusers folder paths")
-    p.add_argument("--backends", help="comma-separated: diffusers-torch, runtime-ort, runtime-ort:PROFILE")
+    p.add_argument("--backends", help="comma-separated: diffusers-torch, diffusers-torch-bf16, runtime-ort, "
+                   "runtime-ort:PROFILE, runtime-openvino")
     p.add_argument("--repeats", type=int, help="steady-state repeats per run")
     p.add_argument("--machine-id", help="machine id in the results (default: host name)")
     return p

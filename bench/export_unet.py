@@ -54,15 +54,9 @@ def _where(exc: BaseException) -> str:
 
 def measure(dest: Path) -> dict:
     """Run the export in a subprocess watched for peak RSS; the verdict against the targets."""
-    from .watch import watch
+    from .watch import watch_json
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "bench.export_unet", "--child", str(dest), "--result", str(result)]
-        rc, peak_mb, wall, _ = watch(cmd, Path(tmp) / "log.txt")
-        if rc != 0:
-            raise SystemExit(f"export failed ({rc}): {(Path(tmp) / 'log.txt').read_text()[-2000:]}")
-        child = json.loads(result.read_text())
+    child, peak_mb, wall = watch_json("bench.export_unet", str(dest), "--result", what="export")
     peak_gb = peak_mb / 1024
     return child | {"wall_s": wall, "peak_rss_gb": peak_gb, "target_s": TARGET_S, "target_rss_gb": TARGET_RSS_GB,
                     "time_ok": child["export_s"] < TARGET_S and not child["error"],

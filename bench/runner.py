@@ -67,9 +67,10 @@ def export_dir(spec: Spec) -> Path:
 
     from .models import model_key
 
-    key = f"{model_key(spec.model)}|{load_profile(spec.profile).hash}|{spec.variant}|{__version__}"
+    variant = "int8" if spec.variant == "int8" else "fp32"      # OpenVINO's precision variants share one export
+    key = f"{model_key(spec.model)}|{load_profile(spec.profile).hash}|{variant}|{__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "bench-exports" / f"{Path(spec.model).name}-{spec.profile}-{spec.variant}-{digest}"
+    return cache_dir() / "bench-exports" / f"{Path(spec.model).name}-{spec.profile}-{variant}-{digest}"
 
 
 def execute(spec: Spec, work: Path, ref_image: Path | None) -> dict:
@@ -77,7 +78,7 @@ def execute(spec: Spec, work: Path, ref_image: Path | None) -> dict:
     if spec.reason:
         return {"status": "skipped", "reason": spec.reason}
     extra = {}
-    if spec.backend == "runtime-ort":
+    if spec.backend.startswith("runtime-"):
         folder = export_dir(spec)
         if not (folder / "sdexport.json").is_file():
             folder.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +188,7 @@ def diffusers_factory(spec: Spec, folder: Path):
     timers.wrap(pipe.unet, "forward", "unet")
     timers.wrap(pipe.vae, "decode", "vae")
     latents = torch.from_numpy(initial_latents(spec))
+    bf16 = spec.variant == "bf16"                  # diffusers-torch-bf16: the same pipeline under bf16 autocast
     # LCM pipelines take no negative prompt (guidance is an embedding, not CFG)
     negative = {"negative_prompt": [NEGATIVE] * spec.batch} if _accepts(pipe, "negative_prompt") else {}
 
@@ -195,7 +197,7 @@ def diffusers_factory(spec: Spec, folder: Path):
         return kwargs
 
     def call():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return pipe([PROMPT] * spec.batch, latents=latents, num_inference_steps=spec.steps,
                         guidance_scale=spec.guidance, height=spec.height, width=spec.width, output_type="np",
                         generator=torch.Generator("cpu").manual_seed(SEED), callback_on_step_end=on_step,
@@ -210,9 +212,11 @@ def _accepts(pipe, argument: str) -> bool:
 
 def runtime_factory(spec: Spec, folder: Path):
     """(timers, call) for our runtime with its sessions created up front and its pieces wrapped."""
+    from runtime.model import open_model
     from runtime.pipeline import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, provider=spec.provider)
+    precision = spec.variant if spec.backend == "runtime-openvino" and spec.variant != "default" else None
+    pipe = StableDiffusionPipeline(open_model(folder, provider=spec.provider, precision=precision))
     timers = Timers()
     for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
         if pipe.model.has(name) and name.startswith("text_encoder"):
@@ -250,7 +254,7 @@ def run_task(job: dict) -> dict:
     from .models import model_folder
 
     spec = Spec(**job["spec"])
-    if spec.backend == "runtime-ort" and job["task"] == "measure":   # no torch in this process
+    if spec.backend.startswith("runtime-") and job["task"] == "measure":   # no torch in this process
         import runtime.pipeline  # noqa: F401  (imports are not session creation time)
 
         make = lambda: runtime_factory(spec, Path(job["folder"]))  # noqa: E731

@@ -13,8 +13,8 @@ from typing import Any
 from runtime.atomic import atomic_file
 
 SCHEMA_VERSION = 1
-BACKENDS = ("diffusers-torch", "runtime-ort")
-PROVIDERS = ("cpu", "cuda", "tensorrt", "directml")
+BACKENDS = ("diffusers-torch", "runtime-ort", "runtime-openvino", "diffusers-torch-bf16")
+PROVIDERS = ("cpu", "cuda", "tensorrt", "directml", "openvino")
 STATUSES = ("ok", "skipped", "failed")
 REFERENCE_BACKEND = "diffusers-torch"
 _RUN_NUMBERS = ("session_create_s", "first_run_s", "steady_s", "peak_rss_mb", "gpu_mem_mb")

@@ -27,6 +27,21 @@ def watch(cmd: list, log: Path) -> tuple[int, float, float, float | None]:
     return proc.returncode, peak / 2**20, time.perf_counter() - start, gpu
 
 
+def watch_json(module: str, *args: str, what: str) -> tuple[dict, float, float]:
+    """Run `python -m module --child ARGS... RESULT.json` watched; (its JSON result, peak RSS MB, wall s), or exit
+    naming `what` failed with the end of its log."""
+    import json
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
+        rc, peak_mb, wall, _ = watch([sys.executable, "-m", module, "--child", *args, str(result)], log)
+        if rc != 0:
+            raise SystemExit(f"{what} failed ({rc}): {log.read_text()[-2000:]}")
+        return json.loads(result.read_text()), peak_mb, wall
+
+
 def _tree_pids(ps) -> set:
     """PIDs of a process and its children (empty once it is gone)."""
     import psutil

@@ -10,6 +10,7 @@ import click
 from .cliutil import FriendlyGroup, debug_option
 from .errors import UserError
 from .cli_a1111 import apply_png_parameters, inpaint_options, outpaint_request, restore_original, sampler_scheduler
+from .cli_lora import configure as configure_loras, lora_options, parse_loras, register as register_loras
 from .request import DEFAULTS, PROMPT_SYNTAXES, STRENGTH
 
 
@@ -62,11 +63,15 @@ FILLS = ("fill", "original", "latent-noise", "latent-nothing")    # A1111's inpa
 @click.option("--model", required=True, type=click.Path(), help="An exported model folder.")
 @click.option("--prompt", default=None, help="What to draw (required unless --from-png gives it).")
 @click.option("--from-png", type=click.Path(), default=None,
-              help="Take prompt, sampler, steps, CFG, seed and size from an AUTOMATIC1111 PNG; options given win.")
+              help="Take prompt, sampler, steps, CFG, seed, size and clip skip from an AUTOMATIC1111 PNG; "
+              "options given win.")
 @click.option("--negative-prompt", default=None, help="What to avoid.")
 @click.option("--prompt-syntax", type=click.Choice(PROMPT_SYNTAXES), default=DEFAULTS["prompt_syntax"],
               show_default=True, help="plain: literal, as diffusers (77 tokens); a1111: (weights:1.2), BREAK, "
               "long prompts, as AUTOMATIC1111.")
+@click.option("--clip-skip", type=int, default=DEFAULTS["clip_skip"], show_default=True,
+              help="A1111 'Clip skip' (SD 1.x/2.x): text states from the N-th layer from the end (diffusers' "
+              "clip_skip = N - 1); plain syntax applies it to the prompt only, as diffusers; ignored for SDXL.")
 @click.option("--steps", default=25, show_default=True, type=int, help="Denoising steps.")
 @click.option("--guidance", default=DEFAULTS["guidance_scale"], show_default=True, type=float,
               help="Classifier-free guidance scale.")
@@ -91,11 +96,24 @@ FILLS = ("fill", "original", "latent-noise", "latent-nothing")    # A1111's inpa
 @click.option("--outpaint", default=None, metavar="L,T,R,B",
               help="Extend --init-image by these pixels (multiples of 8) on each side and paint the new area.")
 @click.option("--latents", type=click.Path(), default=None, help="Initial latents as .npy (N, 4, H/8, W/8).")
-@click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, tensorrt or directml.")
-@click.option("--threads", default=0, type=int, help="Intra-op threads (0 = onnxruntime default).")
+@click.option("--control-image", multiple=True, type=click.Path(), help="ControlNet condition image (edges, depth, "
+              "pose ...), resized to the generation size; repeat for each exported ControlNet, in order.")
+@click.option("--control-scale", multiple=True, type=float, help="ControlNet conditioning scale, one for all or one "
+              "per --control-image (default as diffusers: 1.0; 0.8 with --init-image; 0.5 with --mask, SDXL 1.0).")
+@click.option("--control-start", multiple=True, type=float, help="Fraction of the steps before ControlNet applies (0.0).")
+@click.option("--control-end", multiple=True, type=float, help="Fraction of the steps after which it stops (1.0).")
+@click.option("--guess-mode", is_flag=True, help="ControlNet on the conditional half only (diffusers' guess_mode).")
+@click.option("--provider", default="auto", show_default=True,
+              help="auto, cpu, cuda, tensorrt, directml or openvino (the OpenVINO runtime).")
+@click.option("--threads", default=0, type=int, help="Intra-op threads (0 = the runtime's default).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="OpenVINO inference precision (default: the profile's, else OpenVINO's choice).")
+@click.option("--vae-tiling", is_flag=True, help="Decode in overlapping tiles (large images in less memory).")
+@click.option("--vae-tile-size", default=512, show_default=True, type=int, help="Tile size in pixels for --vae-tiling.")
 @click.option("--no-verify", is_flag=True, help="Skip the SHA-256 check of the graph files.")
 @click.option("--out", required=True, type=click.Path(), help="Output .png (several get -1, -2 ...) or .npy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@lora_options
 @debug_option
 @click.pass_context
 def generate(ctx, **values):
@@ -109,13 +127,15 @@ def generate(ctx, **values):
 
 def _generate(ctx, values, model, prompt, negative_prompt, prompt_syntax, steps, guidance, seed, gen_kind,
               scheduler, width, height, batch, init_image, strength, mask, latents, provider, threads, no_verify,
-              out, quiet, outpaint, **_):
+              out, quiet, outpaint, precision, vae_tiling, vae_tile_size, **_):
     """generate, once the PNG's values are merged in."""
     from dataclasses import replace
 
     from .atomic import check_writable_parent
+    from .control import cli_units
     from .images import open_image
-    from .pipeline import StableDiffusionPipeline
+    from .model import open_model
+    from .pipeline import pipeline_for
     from .request import GenerationRequest
 
     out = Path(out)
@@ -144,13 +164,28 @@ def _generate(ctx, values, model, prompt, negative_prompt, prompt_syntax, steps,
         height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
         seed=seed_value, generator_kind=gen_kind, latents=_load_latents(latents), image=image,
         mask_image=mask_image, strength=strength, scheduler=None if isinstance(scheduler, tuple) else scheduler,
-        output_type="np", prompt_syntax=prompt_syntax, inpaint=inpaint_options(ctx, values))
-    pipe = StableDiffusionPipeline.from_pretrained(model, provider=provider, threads=threads, verify=not no_verify)
+        output_type="np", prompt_syntax=prompt_syntax, inpaint=inpaint_options(ctx, values),
+        clip_skip=values["clip_skip"], guess_mode=values["guess_mode"], controls=cli_units(values),
+        loras=parse_loras(values["lora"]))
+    pipe = pipeline_for(open_model(Path(model), provider=provider, threads=threads, verify=not no_verify,
+                                   precision=precision, one_shot=True))   # SD3 folders: runtime.sd3_pipeline
+    configure_loras(pipe, values["lora_dir"], values["lora_partial"])
+    if vae_tiling:
+        pipe.vae_tiling = _tiling(vae_tile_size, pipe.model.facts.vae_scale_factor)
     if isinstance(scheduler, tuple):
         request = replace(request, scheduler=sampler_scheduler(scheduler, pipe.model))
     result = _run_reporting(pipe, request, quiet)
     images = result.images if grown is None else restore_original(result.images, grown)
     _write(out, images, request, result.sampler, model)
+
+
+def _tiling(pixels: int, factor: int):
+    """--vae-tiling with --vae-tile-size in pixels, as latent cells."""
+    from .vae_tiling import VaeTiling
+
+    if pixels <= 0 or pixels % factor:
+        raise UserError(f"--vae-tile-size must be a positive multiple of {factor} pixels, got {pixels}")
+    return VaeTiling(tile=pixels // factor)
 
 
 def _run_reporting(pipe, request, quiet: bool):
@@ -207,6 +242,10 @@ def _write(out: Path, images, request, sampler: tuple, model) -> None:
     noted = syntax_fields((request.prompt[0], request.negative_prompt or ""), request.prompt_syntax)
     if request.image is not None:
         noted["Denoising strength"] = request.effective_strength
+    if request.clip_skip > 1:                               # A1111 writes it only when it is not 1
+        noted["Clip skip"] = request.clip_skip
+        if request.prompt_syntax == "plain":                # A1111 would skip layers on the negative prompt too
+            noted.setdefault("Prompt syntax", "plain")
     for i, (path, img) in enumerate(zip(paths, to_uint8(images))):
         params = a1111_parameters(request.prompt[0], request.negative_prompt or "", request.num_inference_steps,
                                   sampler, request.guidance_scale,
@@ -234,3 +273,9 @@ def schedulers():
 
     for name in scheduler_names():
         click.echo(f"{name:<16} {describe(name)}")
+
+
+from .cli_serve import serve  # noqa: E402  (the command's module imports the serve extra only when it runs)
+
+main.add_command(serve)
+register_loras(main)

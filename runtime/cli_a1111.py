@@ -22,12 +22,10 @@ def apply_png_parameters(ctx, path: str, values: dict) -> None:
     p = parameters_from_png(path)
     unknown = dict(p.unknown)
     plain = unknown.pop("Prompt syntax", "").strip().lower() == "plain"
-    if p.clip_skip != 1:
-        unknown["Clip skip"] = str(p.clip_skip)
     found = {"prompt": p.prompt, "negative_prompt": p.negative_prompt or None, "steps": p.steps,
              "scheduler": (p.sampler, p.schedule_type) if p.sampler else None, "guidance": p.cfg_scale,
              "seed": None if p.seed is None else str(p.seed), "width": p.width, "height": p.height,
-             "prompt_syntax": "plain" if plain else "a1111",
+             "prompt_syntax": "plain" if plain else "a1111", "clip_skip": p.clip_skip,
              "strength": p.denoising_strength if values["init_image"] else None}
     values.update({k: v for k, v in found.items() if v is not None and not given(ctx, k)})
     if unknown:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 TEXT_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))   # graph folder, tokenizer folder
+T5_ENCODER = ("text_encoder_3", "tokenizer_3")      # SD3's optional T5 encoder: graph folder, tokenizer.json folder
+DENOISERS = ("unet", "transformer")                 # SD 1.x/2.x/XL UNet, or SD3's MMDiT transformer
 
 
 def vae_scale_factor(vae_config: dict) -> int:

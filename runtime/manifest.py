@@ -42,6 +42,7 @@ class GraphInfo:
     provider: str = "CPUExecutionProvider"
     custom_ops: tuple = ()
     data_file: str | None = None
+    weight_map: str | None = None     # <component>/weight_map.json: source weight -> initializer (runtime.lora)
 
     @staticmethod
     def from_dict(name: str, d: dict) -> "GraphInfo":
@@ -52,7 +53,7 @@ class GraphInfo:
             inputs=tuple(TensorInfo.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorInfo.from_dict(t) for t in d["outputs"]),
             precision=d.get("precision", "fp32"), provider=d.get("provider", "CPUExecutionProvider"),
-            custom_ops=tuple(d.get("custom_ops", ())))
+            custom_ops=tuple(d.get("custom_ops", ())), weight_map=d.get("weight_map"))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.5, "num_images_per_prompt": 1, "output_type": "pil",
             "generator_kind": "torch",
-            "prompt_syntax": "plain"}
+            "prompt_syntax": "plain", "clip_skip": 1}
 STRENGTH = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0}      # per mode, as each diffusers pipeline's default
 OUTPUT_TYPES = ("pil", "np", "latent")
 PROMPT_SYNTAXES = ("plain", "a1111")   # literal (diffusers), or AUTOMATIC1111's weights, BREAK and long prompts
@@ -42,7 +42,12 @@ class GenerationRequest:
     seed: int | tuple | None = None            # one seed for the batch, or one per image; None: 0
     generator_kind: str = DEFAULTS["generator_kind"]   # "torch" (bit-exact with torch's CPU randn) or "numpy"
     prompt_syntax: str = DEFAULTS["prompt_syntax"]     # one of PROMPT_SYNTAXES
+    clip_skip: int = DEFAULTS["clip_skip"]     # A1111 "Clip skip": 1 = last layer, N = N-th from last (diffusers N-1)
     inpaint: InpaintOptions | None = None      # A1111 mask options (runtime.a1111.inpaint); None: as diffusers
+    controls: tuple = ()                       # runtime.control.ControlUnit per ControlNet, in order
+    guess_mode: bool = False                   # ControlNet on the conditional half only (diffusers' guess_mode)
+    loras: tuple = ()                          # ((file path or name in the LoRA folder, weight), ...); weight: a
+                                               # number or (text encoder, UNet); a dict {file: weight} is accepted
 
     @classmethod
     def create(cls, prompt, **options) -> "GenerationRequest":
@@ -53,9 +58,11 @@ class GenerationRequest:
         """Normalise lists to tuples, then refuse bad values with one-line errors."""
         if isinstance(self.prompt, str):
             object.__setattr__(self, "prompt", (self.prompt,))
-        for name in ("prompt", "negative_prompt", "seed"):
+        for name in ("prompt", "negative_prompt", "seed", "controls"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.loras, (dict, list)):
+            object.__setattr__(self, "loras", tuple(self.loras.items() if isinstance(self.loras, dict) else self.loras))
         _validate(self)
 
     @property
@@ -101,6 +108,8 @@ def _validate(r: GenerationRequest) -> None:
     if r.negative_prompt is not None and not isinstance(r.negative_prompt, str) and not _texts(r.negative_prompt):
         raise UserError("negative_prompt must be a string or a list of strings")
     _check_syntax(r)
+    if not isinstance(r.clip_skip, int) or isinstance(r.clip_skip, bool) or r.clip_skip < 1:
+        raise UserError(f"clip_skip must be an integer >= 1 (1 = the last layer), got {r.clip_skip!r}")
     if not isinstance(r.num_inference_steps, int) or not 1 <= r.num_inference_steps <= MAX_STEPS:
         raise UserError(f"steps must be an integer in [1, {MAX_STEPS}], got {r.num_inference_steps!r}")
     if not _number(r.guidance_scale) or not math.isfinite(r.guidance_scale) or r.guidance_scale < 0:
@@ -115,11 +124,31 @@ def _validate(r: GenerationRequest) -> None:
     if r.mask_image is not None and r.image is None:
         raise UserError("a mask needs an init image (--init-image)")
     _check_inpaint(r)
+    _check_loras(r)
+    if r.controls or r.guess_mode:
+        from .control import check_units
+        check_units(r.controls, r.guess_mode)
     for name in ("height", "width"):
         value = getattr(r, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     r.generator()                        # seeds and generator kind: SeedError (a UserError) when unusable
+
+
+def _check_loras(r: GenerationRequest) -> None:
+    """Each LoRA entry is (path or name, weight) with a finite weight (or a (text encoder, UNet) pair)."""
+    import os
+
+    if not isinstance(r.loras, tuple):
+        raise UserError(f"loras must be a dict or a sequence of (file, weight) pairs, got {type(r.loras).__name__}")
+    if not r.loras:
+        return
+    from .lora.library import check_scale
+
+    for item in r.loras:
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], (str, os.PathLike)):
+            raise UserError(f"loras: each entry must be (file or name, weight), got {item!r}")
+        check_scale(item[0], item[1])
 
 
 def _check_inpaint(r: GenerationRequest) -> None:

@@ -10,8 +10,9 @@ import onnxruntime as ort
 from .errors import ModelFolderError, UserError
 from .manifest import GraphInfo
 
+OPENVINO = "OpenVINO"      # the openvino runtime itself (runtime.openvino_backend), not onnxruntime's OpenVINO EP
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "tensorrt": "TensorrtExecutionProvider", "directml": "DmlExecutionProvider"}
+             "tensorrt": "TensorrtExecutionProvider", "directml": "DmlExecutionProvider", "openvino": OPENVINO}
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(double)": np.float64}
 DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
@@ -38,16 +39,25 @@ class SessionConfig:
         """Where the first provider keeps tensors, for IO binding."""
         return DEVICES.get(self.providers[0], "cpu")
 
+    @property
+    def backend(self) -> str:
+        """The runtime that builds the sessions: 'openvino' for the OpenVINO provider, else 'onnxruntime'."""
+        return "openvino" if self.providers[0] == OPENVINO else "onnxruntime"
+
 
 def choose_providers(requested: str, target_provider: str, fallbacks: tuple = ()) -> tuple:
     """Provider list for `--provider` (auto = what the folder was built for, if this onnxruntime has it)."""
-    available = ort.get_available_providers()
+    from .openvino_backend import INSTALL, available as openvino_available
+
+    available = ort.get_available_providers() + ([OPENVINO] if openvino_available() else [])
     if requested == "auto":
         wanted = [p for p in (target_provider, *fallbacks) if p in available] + ["CPUExecutionProvider"]
         return tuple(dict.fromkeys(wanted))
     if requested not in PROVIDERS:
         raise UserError(f"unknown provider {requested!r}; choose from auto, {', '.join(PROVIDERS)}")
     name = PROVIDERS[requested]
+    if name == OPENVINO and name not in available:
+        raise UserError(INSTALL)
     if name not in available:
         raise UserError(f"this onnxruntime has no {name} (available: {', '.join(available)}); "
                         f"install the matching onnxruntime package or use --provider cpu")
@@ -55,8 +65,13 @@ def choose_providers(requested: str, target_provider: str, fallbacks: tuple = ()
 
 
 def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target: str,
-                 dims: dict | None = None) -> ort.InferenceSession:
-    """Build one session (with `dims` pinned as free-dimension overrides), naming the target on failure."""
+                 dims: dict | None = None, initializers: dict | None = None) -> ort.InferenceSession:
+    """Build one session (with `dims` pinned as free-dimension overrides), naming the target on failure.
+
+    `initializers` (name -> array) replace the graph's own values at load (merged LoRA weights, runtime.lora)."""
+    if cfg.backend == "openvino":                       # compiles per static shape itself: dims are not needed
+        from .openvino_backend import OpenVINOSession
+        return OpenVINOSession(path, cfg.provider_options.get(OPENVINO, {}), cfg.threads, info, target)
     opts = ort.SessionOptions()
     for axis, value in (dims or {}).items():
         opts.add_free_dimension_override_by_name(axis, int(value))
@@ -67,6 +82,9 @@ def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target:
                            else ort.ExecutionMode.ORT_SEQUENTIAL)
     opts.enable_mem_pattern = cfg.enable_mem_pattern
     opts.log_severity_level = 3
+    overrides = [(n, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in (initializers or {}).items()]
+    for name, value in overrides:                 # the session uses these buffers: kept alive on the session
+        opts.add_initializer(name, value)
     if info is not None and info.custom_ops and info.provider not in cfg.providers:
         raise ModelFolderError(
             f"{path.parent.name} was built for target {target!r} ({info.provider}; needs "
@@ -74,7 +92,13 @@ def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target:
             f"re-export with --target for this machine or pick --provider {_provider_key(info.provider)}")
     options = [cfg.provider_options.get(p, {}) for p in cfg.providers]
     try:
-        return ort.InferenceSession(str(path), opts, providers=list(cfg.providers), provider_options=options)
+        # onnxruntime's NCHWc layout pass reads Conv weights from the graph file, ignoring overrides: skip it then
+        layout = {"disabled_optimizers": ["NchwcTransformer"]} if any(v.ndim == 4 for v in
+                                                                      (initializers or {}).values()) else {}
+        session = ort.InferenceSession(str(path), opts, providers=list(cfg.providers), provider_options=options,
+                                       **layout)
+        session.initializer_overrides = overrides
+        return session
     except Exception as e:  # onnxruntime raises its own exception types; all mean "cannot load this graph"
         msg = str(e).splitlines()[0][:300]
         hint = f" (built for target {target!r})" if "NOT_IMPLEMENTED" in str(e) or "kernel" in str(e) else ""

@@ -28,9 +28,12 @@ def main():
 @click.option("--text-encoder", type=click.Path(), help="Use this text encoder instead (folder, as --vae).")
 @click.option("--license", "license_", help="The model's licence, recorded in the manifest (default: from the "
               "model card, the alias table or the checkpoint; 'unknown' if none is found).")
+@click.option("--controlnet", "controlnets", multiple=True, help="Also export this ControlNet (a diffusers "
+              "ControlNetModel folder or hub repo id); repeat for several: controlnet/, controlnet_1/, ...")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @debug_option
-def convert(model, target, profile_file, shapes, out, force, no_verify, vae, text_encoder, license_, quiet):
+def convert(model, target, profile_file, shapes, out, force, no_verify, vae, text_encoder, license_, controlnets,
+            quiet):
     """Export, optimise and verify MODEL for one target into --out."""
     from .convert import ConvertConfig, convert as run
     from .profiles import load_profile, parse_shapes_option, with_shapes
@@ -40,7 +43,7 @@ def convert(model, target, profile_file, shapes, out, force, no_verify, vae, tex
         profile = with_shapes(profile, parse_shapes_option(shapes))
     overrides = {"vae": vae, "text_encoder": text_encoder}
     report = run(ConvertConfig(model, profile, Path(out), force=force, verify=not no_verify, overrides=overrides,
-                               license=license_), StageLog(quiet))
+                               license=license_, controlnets=controlnets), StageLog(quiet))
     _print_checks(report.checks)
     click.echo(f"wrote {out} (target {profile.name}, licence {report.license})")
 

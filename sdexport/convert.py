@@ -12,6 +12,7 @@ from runtime.errors import UserError
 from runtime.manifest import MANIFEST_NAME, GraphInfo, Manifest, file_record, manifest_from_dict, read_manifest
 
 from . import __version__
+from .controlnet import attach_controlnets, manifest_entries, recorded_sources
 from .export import export_component
 from .optimize import optimize_component
 from .profiles import Profile
@@ -19,6 +20,7 @@ from .sources import Components, load_components, present, resolve
 from .specs import component_specs, dims, manifest_io
 from .structure import check_structure, fp16_range_check
 from .verify import Check, not_run, verify_graph
+from .weight_map import LORA_TYPES, WEIGHT_MAP, write_weight_map
 
 Progress = Callable[[str], None]
 
@@ -33,6 +35,7 @@ class ConvertConfig:
     verify: bool = True
     overrides: dict = field(default_factory=dict)    # component -> folder (--vae, --text-encoder)
     license: str | None = None                        # --license: overrides what the source declares
+    controlnets: tuple = ()                           # --controlnet values, in order: controlnet, controlnet_1, ...
 
 
 @dataclass
@@ -59,7 +62,7 @@ def convert(cfg: ConvertConfig, progress: Progress = _no_progress) -> ConvertRep
         raise UserError(f"{out} already exists (use --force to replace it)")
     check_writable_parent(out)
     progress("loading model")
-    components = load_components(resolve(cfg.model, cfg.license), cfg.overrides)
+    components = attach_controlnets(load_components(resolve(cfg.model, cfg.license), cfg.overrides), cfg.controlnets)
     with staged_dir(out, replace_existing=cfg.force) as tmp:
         report = ConvertReport(out, license=components.source.license)
         graphs = {}
@@ -69,6 +72,9 @@ def convert(cfg: ConvertConfig, progress: Progress = _no_progress) -> ConvertRep
             report.checks += _verify(spec, components, tmp, cfg, "traced", "fp32", progress)
             progress(f"optimising {spec.name} for {cfg.profile.name}")
             graphs[spec.name] |= optimize_component(tmp / spec.name / "model.onnx", spec, cfg.profile)
+            if spec.model_type in LORA_TYPES:            # LoRA targets: record where each weight went
+                write_weight_map(tmp / spec.name, components.module(spec), spec.model_type)
+                graphs[spec.name]["weight_map"] = f"{spec.name}/{WEIGHT_MAP}"
             report.checks += _verify(spec, components, tmp, cfg, "optimised", graphs[spec.name]["precision"],
                                      progress)
         failed = [c for c in report.checks if c.ran and not c.ok]
@@ -143,7 +149,8 @@ def write_manifest(folder: Path, components: Components, profile: Profile, graph
         target=profile.name, precision=profile.precision, license=components.source.license,
         shape_ranges={axis: r.as_list() for axis, r in profile.shapes.items()},
         graphs={name: GraphInfo.from_dict(name, g) for name, g in graphs.items()}, files=files,
-        source=components.source.to_dict() | {"overrides": components.overrides},
+        source=components.source.to_dict() | {"overrides": components.overrides,
+                                               "controlnets": manifest_entries(components)},
         profile={"name": profile.name, "file": profile.source, "hash": profile.hash},
         session=profile.session | {"fallback_providers": list(profile.fallback_providers),
                                    "io_binding": profile.io_binding, "cuda_graph": profile.cuda_graph,
@@ -162,7 +169,7 @@ def verify_folder(folder: Path, model: str, progress: Progress = _no_progress, o
     if manifest is None:
         raise UserError(f"{folder}: no {MANIFEST_NAME}; not a folder written by sdexport convert")
     progress("loading model")
-    components = load_components(resolve(model), overrides)
+    components = attach_controlnets(load_components(resolve(model), overrides), recorded_sources(manifest.source))
     specs = {s.name: s for s in component_specs(components.configs)}
     fallbacks = tuple(manifest.session.get("fallback_providers", ()))
     checks = []

@@ -38,20 +38,33 @@ def fuse(path: Path, spec: ComponentSpec, profile: Profile):
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    with _no_progress_bars():
+    with _quiet_logging(), _no_progress_bars():
         return optimize_model(str(path), model_type=spec.model_type, num_heads=0, hidden_size=0,
                               opt_level=0, optimization_options=fusion_options(spec, profile),
                               use_gpu=profile.provider != "CPUExecutionProvider")
 
 
 @contextlib.contextmanager
+def _quiet_logging():
+    """No warnings from onnxruntime's optimizer modules, which also log under bare names (symbolic shape
+    inference's "Cannot determine if ...", the MMDiT fusion's notes); restored afterwards."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
 def _no_progress_bars():
-    """Silence the UNet optimizer's tqdm bar (drawn whenever tqdm is importable); restored afterwards."""
+    """Silence the UNet and MMDiT optimizers' tqdm bars (drawn whenever tqdm is importable); restored afterwards."""
     import sys
 
-    from onnxruntime.transformers import onnx_model_unet  # noqa: F401  (also imported under its bare name)
+    from onnxruntime.transformers import onnx_model_mmdit, onnx_model_unet  # noqa: F401  (also under bare names)
 
-    modules = [m for n, m in list(sys.modules.items()) if n.split(".")[-1] == "onnx_model_unet"]
+    modules = [m for n, m in list(sys.modules.items()) if n.split(".")[-1] in ("onnx_model_unet", "onnx_model_mmdit")]
     originals = [m.is_installed for m in modules]
     for m, original in zip(modules, originals):
         m.is_installed = lambda name, _o=original: False if name == "tqdm" else _o(name)
@@ -68,7 +81,8 @@ def optimize_component(path: Path, spec: ComponentSpec, profile: Profile) -> dic
     if profile.fusion_enabled or precision == "fp16":
         model = fuse(path, spec, profile) if profile.fusion_enabled else _wrap(path)
         if precision == "fp16":
-            model.convert_float_to_float16(keep_io_types=True, op_block_list=list(profile.fp32_ops))
+            with _quiet_logging():
+                model.convert_float_to_float16(keep_io_types=True, op_block_list=list(profile.fp32_ops))
             model.topological_sort()
         _replace(path, model.model)
     quantize = profile.quantize_unet and spec.model_type == "unet"

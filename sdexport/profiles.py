@@ -16,6 +16,8 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 PRECISIONS = ("fp32", "fp16")
 LEVELS = ("disabled", "basic", "extended", "all")
 AXES = ("batch", "height", "width")
+SEQUENCE = (77, 77, 231)      # optional shapes.sequence: text tokens, 1 to 3 CLIP chunks of 77 (A1111 long prompts)
+TRT_SHAPES = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
 PROVIDER_OPTIONS = Path(__file__).parent / "data" / "provider_options.json"
 SESSION_KEYS = {    # [session]: what the runtime reads into onnxruntime SessionOptions, with the allowed values
     "intra_op_num_threads": int, "inter_op_num_threads": int, "execution_mode": ("sequential", "parallel"),
@@ -171,17 +173,19 @@ def _check_provider_options(data: dict, where: str) -> None:
 
 
 def parse_shape_table(table: dict, where: str) -> dict:
-    """Validate {axis: [min, opt, max]}; height and width must be multiples of 8."""
-    if set(table) != set(AXES):
-        raise UserError(f"{where}: shapes must define exactly {', '.join(AXES)}")
+    """Validate {axis: [min, opt, max]}; height and width must be multiples of 8, the optional sequence of 77."""
+    if not set(AXES) <= set(table) <= {*AXES, "sequence"}:
+        raise UserError(f"{where}: shapes must define exactly {', '.join(AXES)} (and optionally sequence)")
     out = {}
-    for axis in AXES:
+    for axis in [a for a in (*AXES, "sequence") if a in table]:
         rng = table[axis]
         if (not isinstance(rng, list) or len(rng) != 3 or not all(isinstance(v, int) and v > 0 for v in rng)
                 or not rng[0] <= rng[1] <= rng[2]):
             raise UserError(f"{where}: shapes.{axis} must be [min, opt, max] positive integers, got {rng!r}")
-        if axis != "batch" and any(v % 8 for v in rng):
+        if axis in ("height", "width") and any(v % 8 for v in rng):
             raise UserError(f"{where}: shapes.{axis} values must be multiples of 8, got {rng!r}")
+        if axis == "sequence" and any(v % 77 for v in rng):
+            raise UserError(f"{where}: shapes.sequence values must be multiples of 77 (CLIP chunks), got {rng!r}")
         out[axis] = ShapeRange(*rng)
     return out
 
@@ -208,8 +212,28 @@ def parse_shapes_option(text: str) -> dict:
 
 
 def with_shapes(profile: Profile, shapes: dict) -> Profile:
-    """The profile with its shape ranges replaced (e.g. by --shapes)."""
-    return replace(profile, shapes=shapes)
+    """The profile with its shape ranges replaced (e.g. by --shapes); a sequence range it has is kept."""
+    return replace(profile, shapes={k: v for k, v in profile.shapes.items() if k not in shapes} | shapes)
+
+
+def tensorrt_shapes(profile: Profile, spec, configs: dict) -> dict:
+    """TensorRT's explicit optimisation profile of one graph, {"trt_profile_min_shapes": "input_ids:1x77,...", ...}:
+    every dynamic input at the profile's min / opt / max sizes. UNet-type graphs take both guidance halves at once
+    and 77 * n text states; text encoders take rows of at most their position table (77: prompts go in chunks)."""
+    from .specs import DYNAMIC, concrete_shape, dims
+
+    ranges = {"sequence": ShapeRange(*SEQUENCE)} | profile.shapes
+    halves = 2 if spec.model_type == "unet" else 1
+    rows = configs[spec.module].get("max_position_embeddings", SEQUENCE[0]) if spec.is_text else None
+    out = {}
+    for option, pick in zip(TRT_SHAPES, ("min", "opt", "max")):
+        at = {axis: getattr(r, pick) for axis, r in ranges.items()}
+        batch = at["batch"] * (1 if pick == "min" else halves)
+        sequence = min(at["sequence"], rows) if rows else at["sequence"]
+        d = dims(configs, batch, at["height"], at["width"], sequence)
+        out[option] = ",".join(f"{t.name}:{'x'.join(str(n) for n in concrete_shape(t, d))}" for t in spec.inputs
+                               if any(x in DYNAMIC for x in t.shape))
+    return out
 
 
 def describe(profile: Profile) -> str:

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.layout import TEXT_ENCODERS
+from runtime.layout import DENOISERS, T5_ENCODER, TEXT_ENCODERS
 
 from .cache import cache_dir, quiet_libraries
 from .licence import BUILT_IN, UNKNOWN, checkpoint_licence, folder_licence
 from .specs import component_specs, source_classes
 
 ALIASES_FILE = Path(__file__).parent / "data" / "aliases.json"
-REQUIRED = ("unet", "vae", "scheduler")
+REQUIRED = ("vae", "scheduler")        # and one of DENOISERS
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Components:
     scheduler_config: dict
     configs: dict = field(default_factory=dict)    # source component folder -> its config.json dict
     overrides: dict = field(default_factory=dict)  # component -> folder it was replaced from
+    controlnets: dict = field(default_factory=dict)  # ControlNet graph name -> {"spec": --controlnet, "folder"}
 
     def module(self, spec) -> object:
         """The loaded torch module a spec wraps."""
@@ -85,16 +86,19 @@ def _resolve(spec: str) -> Source:
     return Source(spec, "folder", path.resolve(), license=folder_licence(path))
 
 
-def _download(repo_id: str) -> Path:
+PIPELINE_FILES = ("model_index.json", "README.md", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors")
+
+
+def _download(repo_id: str, patterns: tuple = PIPELINE_FILES, flag: str = "--model") -> Path:
     """Fetch (or find in the local cache) the diffusers files of a hub repo."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "README.md", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    patterns = list(patterns)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # network, auth, missing cache: all end the same way for the user
         raise UserError(f"could not load {repo_id} from the Hugging Face hub or its local cache "
-                        f"({type(e).__name__}); download it elsewhere and pass --model path/to/folder") from None
+                        f"({type(e).__name__}); download it elsewhere and pass {flag} path/to/folder") from None
 
 
 def check_folder(folder: Path) -> dict:
@@ -107,11 +111,15 @@ def check_folder(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{index_path}: not valid JSON ({e})") from None
     missing = [c for c in REQUIRED if not present(index, c)]
+    denoiser = next((d for d in DENOISERS if present(index, d)), None)
+    if denoiser is None:
+        missing.append(" or ".join(DENOISERS))
     if not any(present(index, te) for te, _ in TEXT_ENCODERS):
         missing.append("text_encoder")
     if missing:
         raise UserError(f"{folder} is not a Stable Diffusion pipeline: model_index.json lacks {', '.join(missing)}")
-    needed = list(REQUIRED) + [c for pair in TEXT_ENCODERS if present(index, pair[0]) for c in pair]
+    pairs = (*TEXT_ENCODERS, T5_ENCODER)
+    needed = [*REQUIRED, denoiser] + [c for pair in pairs if present(index, pair[0]) for c in pair]
     for c in needed:
         if not (folder / c).is_dir():
             raise UserError(f"{folder}: component folder {c}/ is missing")
@@ -121,6 +129,9 @@ def check_folder(folder: Path) -> dict:
             for f in ("vocab.json", "merges.txt"):
                 if not (t / f).is_file():
                     raise UserError(f"{folder}: {tok}/{f} is missing (a CLIP tokenizer needs vocab.json and merges.txt)")
+    if present(index, T5_ENCODER[0]) and not (folder / T5_ENCODER[1] / "tokenizer.json").is_file():
+        raise UserError(f"{folder}: {T5_ENCODER[1]}/tokenizer.json is missing (the runtime reads the T5 tokenizer "
+                        "from tokenizer.json; transformers' T5TokenizerFast.save_pretrained writes it)")
     return index
 
 
@@ -156,9 +167,8 @@ def load_components(source: Source, overrides: dict | None = None) -> Components
             raise UserError(f"--{name.replace('_', '-')}: this model has no {name} to replace")
         replaced[name] = component_folder(path, name)
         configs[name] = _read_config(replaced[name])
-    classes = source_classes()
-    modules = {name: _load(classes[name], replaced.get(name, folder / name), name)
-               for name in dict.fromkeys(spec.module for spec in component_specs(configs))}
+    classes = {spec.module: spec.source_class for spec in component_specs(configs)}   # SD3: CLIP with projection
+    modules = {name: _load(cls, replaced.get(name, folder / name), name) for name, cls in classes.items()}
     return Components(source, index, modules, json.loads(sched_path.read_text()), configs,
                       {k: str(v.resolve()) for k, v in replaced.items()})
 

@@ -12,6 +12,9 @@ from .verify import Check
 
 FP16_MAX = 65504.0
 MASK_SENTINEL = 1e30
+# onnxruntime kernels registered in the ONNX domain that onnx itself does not define (RMSNorm fusions of T5 and
+# SD3's MMDiT): the checker sees them in a separate domain, as it cannot know their schema.
+ORT_ONNX_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
 
 
 def check_structure(graph: Path, fp16: bool) -> list[str]:
@@ -21,13 +24,16 @@ def check_structure(graph: Path, fp16: bool) -> list[str]:
 
     problems = []
     model = load_structure(graph)
+    checked = _checker_view(model, graph)
     try:
-        onnx.checker.check_model(str(graph))
-        onnx.shape_inference.infer_shapes_path(str(graph), str(graph) + ".inferred")
+        onnx.checker.check_model(str(checked))
+        onnx.shape_inference.infer_shapes_path(str(checked), str(graph) + ".inferred")
     except Exception as e:  # onnx raises several types; each is a structural failure
         problems.append(f"{graph.parent.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     finally:
         Path(str(graph) + ".inferred").unlink(missing_ok=True)
+        if checked != graph:
+            checked.unlink(missing_ok=True)
     io = list(model.graph.input) + list(model.graph.output)
     bad_io = [t.name for t in io if t.type.tensor_type.elem_type == TensorProto.FLOAT16]
     if bad_io:
@@ -35,6 +41,21 @@ def check_structure(graph: Path, fp16: bool) -> list[str]:
     if fp16 and not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
         problems.append(f"{graph.parent.name}: no fp16 weights in an fp16 graph")
     return problems
+
+
+def _checker_view(model, graph: Path) -> Path:
+    """The graph itself, or (with ORT_ONNX_DOMAIN_OPS) a copy beside it that moves those nodes to their own domain."""
+    import onnx
+
+    nodes = [n for n in model.graph.node if n.op_type in ORT_ONNX_DOMAIN_OPS and n.domain in ("", "ai.onnx")]
+    if not nodes:
+        return graph
+    for n in nodes:
+        n.domain = "onnxruntime.onnx_domain"
+    model.opset_import.append(onnx.helper.make_opsetid("onnxruntime.onnx_domain", 1))
+    view = graph.with_name(".checked." + graph.name)      # beside the graph: external data paths stay valid
+    onnx.save(model, str(view))
+    return view
 
 
 def fp16_range_check(spec: ComponentSpec, graph: Path, configs: dict, fp32_ops: tuple) -> Check:

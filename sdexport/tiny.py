@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .cache import cache_dir, cached_folder, quiet_libraries
+from .tiny_sd3 import TINY_SD3_VERSION
 
 TINY_VERSION = 3          # bump when the configs below change: the cache key
 
@@ -68,17 +69,25 @@ VARIANTS = {
         "scheduler": {"_class_name": "LCMScheduler", "original_inference_steps": 50, "timestep_scaling": 10.0,
                       "clip_sample": False, "set_alpha_to_one": True},
     },
+    # stable-diffusion-3.5-medium at toy sizes: MMDiT transformer, CLIP-L + CLIP-G + T5, 16-channel VAE
+    "tiny-sd3": {"pipeline": "StableDiffusion3Pipeline", "builder": "sdexport.tiny_sd3:build_tiny_sd3",
+                 "version": TINY_SD3_VERSION},
 }
 
 
 def tiny_folder(name: str = "tiny") -> Path:
     """A built-in tiny model as a diffusers folder, built on first use."""
-    return cached_folder(cache_dir() / f"{name}-v{TINY_VERSION}", lambda tmp: build_tiny(tmp, name))
+    version = VARIANTS[name].get("version", TINY_VERSION) if name in VARIANTS else TINY_VERSION
+    return cached_folder(cache_dir() / f"{name}-v{version}", lambda tmp: build_tiny(tmp, name))
 
 
 def build_tiny(dest: Path, name: str = "tiny") -> None:
     """Build one tiny pipeline from config with seeded random weights and save it in the real layout."""
     v = VARIANTS[name]
+    if "builder" in v:                  # a family with its own configs (module:function)
+        import importlib
+        module, func = v["builder"].split(":")
+        return getattr(importlib.import_module(module), func)(dest)
     build_pipeline(dest, unet=UNET_CONFIG | v.get("unet", {}), vae=VAE_CONFIG | v.get("vae", {}),
                    text=TEXT_CONFIG | v.get("text", {}), scheduler=SCHEDULER_CONFIG | v.get("scheduler", {}), facts=v)
 

@@ -20,11 +20,45 @@ from runtime.conditioning import encode
 from runtime.pipeline import StableDiffusionPipeline
 from sdexport.convert import ConvertConfig, convert
 from sdexport.profiles import load_profile
+from sdexport.tiny import tiny_folder
 
 SIZE, STEPS, GUIDANCE = 64, 6, 7.5
 BREAK = ("BREAK", -1.0)
 PHRASE = "a tall lighthouse on a rocky coast, stormy sea, golden light, "
 LONG = PHRASE * 11                                       # about 150 tokens, commas every few tokens
+
+
+def chunk_runs(tok, runs, pad: int) -> list:
+    """tokenize_line: 75 tokens per chunk, comma back-tracking 20, BREAK closes a chunk; (ids, weights) each, ids
+    after the first eos set to `pad` (process_tokens: eos for CLIP, 0 for OpenCLIP)."""
+    bos, eos, comma = tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids(",</w>")
+    chunks, ids, weights, last_comma = [], [], [], -1
+
+    def close():
+        nonlocal ids, weights, last_comma
+        fill = 75 - len(ids)
+        chunks.append(([bos] + ids + [eos] + [pad] * fill, [1.0] + weights + [1.0] * (fill + 1)))
+        ids, weights, last_comma = [], [], -1
+
+    for text, weight in runs:
+        if (text, weight) == BREAK:
+            close()
+            continue
+        for token in tok(text, add_special_tokens=False, truncation=False)["input_ids"]:
+            if token == comma:
+                last_comma = len(ids)
+            elif len(ids) == 75 and last_comma != -1 and len(ids) - last_comma <= 20:
+                moved = ids[last_comma + 1:], weights[last_comma + 1:]
+                ids, weights = ids[:last_comma + 1], weights[:last_comma + 1]
+                close()
+                ids, weights = list(moved[0]), list(moved[1])
+            if len(ids) == 75:
+                close()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        close()
+    return chunks
 
 
 class Reference:
@@ -42,51 +76,33 @@ class Reference:
         self.pipe.set_progress_bar_config(disable=True)
 
     def chunks(self, runs) -> list:
-        """tokenize_line: 75 tokens per chunk, comma back-tracking 20, BREAK closes a chunk; (ids, weights) each."""
-        bos, eos, comma = self.tok.bos_token_id, self.tok.eos_token_id, self.tok.convert_tokens_to_ids(",</w>")
-        chunks, ids, weights, last_comma = [], [], [], -1
+        """tokenize_line with A1111's CLIP padding (eos)."""
+        return chunk_runs(self.tok, runs, self.tok.eos_token_id)
 
-        def close():
-            nonlocal ids, weights, last_comma
-            fill = 75 - len(ids)
-            chunks.append(([bos] + ids + [eos] * (fill + 1), [1.0] + weights + [1.0] * (fill + 1)))
-            ids, weights, last_comma = [], [], -1
-
-        for text, weight in runs:
-            if (text, weight) == BREAK:
-                close()
-                continue
-            for token in self.tok(text, add_special_tokens=False, truncation=False)["input_ids"]:
-                if token == comma:
-                    last_comma = len(ids)
-                elif len(ids) == 75 and last_comma != -1 and len(ids) - last_comma <= 20:
-                    moved = ids[last_comma + 1:], weights[last_comma + 1:]
-                    ids, weights = ids[:last_comma + 1], weights[:last_comma + 1]
-                    close()
-                    ids, weights = list(moved[0]), list(moved[1])
-                if len(ids) == 75:
-                    close()
-                ids.append(token)
-                weights.append(weight)
-        if ids or not chunks:
-            close()
-        return chunks
+    def states(self, ids, clip_skip: int = 1) -> torch.Tensor:
+        """encode_with_transformers: last_hidden_state, or for Clip skip N > 1 final_layer_norm(hidden_states[-N])."""
+        out = self.encoder(torch.tensor([ids]), output_hidden_states=True)
+        if clip_skip == 1:
+            return out.last_hidden_state                                            # (1, 77, D)
+        norm = getattr(self.encoder, "text_model", self.encoder).final_layer_norm  # transformers 5: no text_model
+        return norm(out.hidden_states[-clip_skip])
 
     @torch.no_grad()
-    def embeds(self, runs) -> torch.Tensor:
+    def embeds(self, runs, clip_skip: int = 1) -> torch.Tensor:
         """EmphasisOriginal per chunk (z * w, rescaled to the unweighted mean), chunks joined on the sequence axis."""
         parts = []
         for ids, weights in self.chunks(runs):
-            z = self.encoder(torch.tensor([ids])).last_hidden_state                 # (1, 77, D)
+            z = self.states(ids, clip_skip)                                         # (1, 77, D)
             mean = z.mean()
             z = z * torch.tensor(weights)[None, :, None]
             parts.append(z * (mean / z.mean()))
         return torch.cat(parts, dim=1)                                              # (1, 77 * n, D)
 
     @torch.no_grad()
-    def images(self, runs, negative_runs, latents) -> np.ndarray:
-        """diffusers' pipeline on the reference embeddings."""
-        return self.pipe(prompt_embeds=self.embeds(runs), negative_prompt_embeds=self.embeds(negative_runs),
+    def images(self, runs, negative_runs, latents, clip_skip: int = 1) -> np.ndarray:
+        """diffusers' pipeline on the reference embeddings (A1111 applies Clip skip to both prompts)."""
+        return self.pipe(prompt_embeds=self.embeds(runs, clip_skip),
+                         negative_prompt_embeds=self.embeds(negative_runs, clip_skip),
                          latents=latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
                          width=SIZE, output_type="np").images
 
@@ -112,16 +128,20 @@ def shifted(tiny_folder, tmp_path_factory):
     The random tiny encoder's states have a mean of about 1e-8, which makes emphasis' mean rescaling pure rounding
     noise; real CLIP states have a clear mean, which the shift gives here.
     """
-    from safetensors.numpy import load_file, save_file
-
     folder = tmp_path_factory.mktemp("a1111-shifted") / "tiny"
     shutil.copytree(tiny_folder, folder)
+    return shifted_export(folder, tmp_path_factory.mktemp("a1111-shifted-export") / "tiny-cpu")
+
+
+def shifted_export(folder, out):
+    """(folder, our pipeline on its cpu export at `out`) after shifting the text encoder's final LayerNorm bias."""
+    from safetensors.numpy import load_file, save_file
+
     weights = folder / "text_encoder" / "model.safetensors"
     tensors = load_file(weights)
     (key,) = [k for k in tensors if k.endswith("final_layer_norm.bias")]
     tensors[key] = tensors[key] + np.linspace(0.1, 0.6, tensors[key].size, dtype=np.float32)
     save_file(tensors, weights)
-    out = tmp_path_factory.mktemp("a1111-shifted-export") / "tiny-cpu"
     convert(ConvertConfig(str(folder), load_profile("cpu"), out, license="other"))
     return folder, StableDiffusionPipeline.from_pretrained(out, provider="cpu")
 
@@ -212,6 +232,81 @@ def test_sdxl_long_prompt(sdxl, negative):
     images = sdxl(LONG, negative_prompt=negative, num_inference_steps=2, height=SIZE, width=SIZE, output_type="np",
                   prompt_syntax="a1111").images
     assert images.shape == (1, SIZE, SIZE, 3) and np.isfinite(images).all()
+
+
+class SdxlReference:
+    """A1111 on SDXL: each encoder chunks alike (CLIP pads with eos, OpenCLIP with 0), gives its penultimate raw
+    states with emphasis per chunk, features joined; pooled = the projected OpenCLIP output of the first chunk; an
+    empty negative prompt is zeros (sd_models_xl.get_learned_conditioning, force_zero_negative_prompt)."""
+
+    def __init__(self, folder):
+        import diffusers
+        import transformers
+
+        self.toks = [transformers.CLIPTokenizer.from_pretrained(folder / t) for t in ("tokenizer", "tokenizer_2")]
+        self.encoders = [transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+                         transformers.CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").eval()]
+        self.pads = [self.toks[0].eos_token_id, 0]
+        self.pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+        self.pipe.scheduler = diffusers.DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def embeds(self, runs) -> tuple:
+        """(states (1, 77 * n, D1 + D2), pooled (1, P))."""
+        per_encoder, pooled = [], None
+        for tok, encoder, pad in zip(self.toks, self.encoders, self.pads):
+            parts = []
+            for i, (ids, weights) in enumerate(chunk_runs(tok, runs, pad)):
+                out = encoder(torch.tensor([ids]), output_hidden_states=True)
+                z = out.hidden_states[-2]                                            # (1, 77, D_i)
+                mean = z.mean()
+                z = z * torch.tensor(weights)[None, :, None]
+                parts.append(z * (mean / z.mean()))
+                pooled = out.text_embeds if i == 0 and hasattr(out, "text_embeds") else pooled
+            per_encoder.append(torch.cat(parts, dim=1))
+        return torch.cat(per_encoder, dim=-1), pooled
+
+    @torch.no_grad()
+    def images(self, runs, negative_runs, latents) -> np.ndarray:
+        """diffusers' SDXL pipeline on the reference embeddings; negative_runs None: the zeroed empty prompt."""
+        cond, pooled = self.embeds(runs)
+        uncond, uncond_pooled = ((torch.zeros_like(cond), torch.zeros_like(pooled)) if negative_runs is None
+                                 else self.embeds(negative_runs))
+        return self.pipe(prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond,
+                         negative_pooled_prompt_embeds=uncond_pooled, latents=latents, num_inference_steps=STEPS,
+                         guidance_scale=GUIDANCE, height=SIZE, width=SIZE, output_type="np").images
+
+
+SDXL_CASES = {   # name -> (prompt, runs, negative, negative runs (None: the empty prompt, zeroed))
+    "weighted": CASES["weighted"],
+    "break": CASES["break"],
+    "empty-negative": ("a (red:1.3) lighthouse, [fog]", [("a ", 1.0), ("red", 1.3), (" lighthouse, ", 1.0),
+                                                          ("fog", 1 / 1.1)], "", None),
+    "long": (LONG + "(golden hour:1.2)", [(LONG, 1.0), ("golden hour", 1.2)], "blurry BREAK lowres BREAK fog",
+             [("blurry", 1.0), BREAK, ("lowres", 1.0), BREAK, ("fog", 1.0)]),      # 3 chunks each
+}
+
+
+@pytest.mark.parametrize("name", sorted(SDXL_CASES))
+def test_sdxl_matches_reference(sdxl, latents, name):
+    prompt, runs, negative, negative_runs = SDXL_CASES[name]
+    ref = SdxlReference(tiny_folder("tiny-sdxl"))
+    assert negative_runs is None or len(chunk_runs(ref.toks[0], runs, 0)) == len(chunk_runs(ref.toks[0],
+                                                                                           negative_runs, 0))
+    a = run_ours(sdxl, prompt, negative, latents)
+    b = ref.images(runs, negative_runs, latents)
+    assert a.shape == b.shape == (1, SIZE, SIZE, 3)
+    assert np.abs(a - b).max() <= 1e-3, name
+
+
+def test_sdxl_ignores_clip_skip_as_a1111(sdxl, latents):
+    with pytest.warns(UserWarning, match="ignored"):
+        skipped = sdxl("a red cat", clip_skip=2, num_inference_steps=2, height=SIZE, width=SIZE,
+                       latents=latents.numpy(), output_type="np", prompt_syntax="a1111").images
+    plain = sdxl("a red cat", num_inference_steps=2, height=SIZE, width=SIZE, latents=latents.numpy(),
+                 output_type="np", prompt_syntax="a1111").images
+    assert np.array_equal(skipped, plain)
 
 
 @pytest.mark.parametrize("prompt, words", [("(a:b)", ["'b'", "not a number"]), ("(a:", ["never closed"]),

@@ -164,6 +164,16 @@ def test_ancestral_step_is_k_diffusion_get_ancestral_step():
     assert from_config(SD15, "euler-a").config.eta == 1.0  # diffusers' ancestral sampling
 
 
+@pytest.mark.parametrize("schedule", ["Karras", "Exponential", "Beta"])
+def test_euler_a_runs_on_every_schedule_type_as_a1111(schedule):
+    name, flags = resolve_sampler("Euler a", schedule)
+    ancestral = from_config(SD15, name, **flags)
+    euler = from_config(SD15, "euler", **resolve_sampler("Euler", schedule)[1])
+    np.testing.assert_array_equal(ancestral.plan(12).sigmas, euler.plan(12).sigmas)
+    deterministic = from_config(SD15, name, **flags, eta=0.0)
+    np.testing.assert_allclose(_run(deterministic, 8), _run(euler, 8), rtol=1e-5, atol=1e-5)
+
+
 # -- the A1111 name table ---------------------------------------------------------------------------
 
 CLASSES = {"dpm++2m": "DPMSolverMultistepScheduler", "dpm++2m-sde": "DPMSolverMultistepScheduler",
@@ -198,8 +208,9 @@ UNIFORM = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_bet
     ("DPM++ 2M SDE Karras", None, ("dpm++2m-sde-karras", KARRAS)),
     ("DPM++ 2M SDE", "Karras", ("dpm++2m-sde-karras", KARRAS)),
     ("DPM++ 2M SDE Heun", "Beta", ("dpm++2m-sde-heun", {**UNIFORM, "use_beta_sigmas": True})),
-    ("Euler a", None, ("euler-a", {})),                         # diffusers' Euler a has no sigma flags
-    ("k_euler_a", "Automatic", ("euler-a", {})),
+    ("Euler a", None, ("euler-a", UNIFORM)),                    # any schedule type, as k-diffusion
+    ("k_euler_a", "Automatic", ("euler-a", UNIFORM)),
+    ("Euler a", "Karras", ("euler-a", KARRAS)),
     ("Euler", "SGM Uniform", ("euler", {**UNIFORM, "timestep_spacing": "trailing"})),
     ("Euler", "exponential", ("euler", {**UNIFORM, "use_exponential_sigmas": True})),
     ("DPM2", None, ("dpm2", KARRAS)),
@@ -231,7 +242,7 @@ def test_from_config_takes_a1111_names():
     ("nope", None, "unknown scheduler 'nope'; valid names: .*dpm\\+\\+2m-karras.*Euler a"),
     ("DPM++ 2S a", None, "unknown scheduler"),                    # not implemented (no diffusers scheduler)
     ("Euler", "KL Optimal", "unknown or unsupported schedule type 'KL Optimal'; valid: Automatic"),
-    ("Euler a", "Karras", "Euler a does not support schedule type 'Karras'; valid: Automatic, Uniform"),
+    ("LCM", "Karras", "LCM does not support schedule type 'Karras'; valid: Automatic, Uniform"),
 ])
 def test_unknown_names_raise_one_line(name, schedule, match):
     with pytest.raises(ValueError, match=match) as err:

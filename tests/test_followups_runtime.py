@@ -319,3 +319,14 @@ def test_shared_helpers(tiny_export):
     assert vae_scale_factor({"block_out_channels": [128, 256, 512, 512]}) == 8
     vae = json.loads((tiny_export[0] / "vae_decoder" / "config.json").read_text())
     assert read_facts(tiny_export[0]).vae_scale_factor == vae_scale_factor(vae)
+
+
+def test_size_the_unet_cannot_halve_is_refused_in_one_line(tiny_export, tmp_path):
+    """The tiny UNet halves its latents once: 72 px (9 latent cells) cannot come back up to the same size."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_export[0])
+    with pytest.raises(UserError, match=r"^width and height must be multiples of 16 for this model, got 72x64$"):
+        pipe("a", width=72, height=64, num_inference_steps=1)
+    res = CliRunner().invoke(runtime_main, ["generate", "--model", str(tiny_export[0]), "--prompt", "a",
+                                            "--width", "72", "--height", "64", "--out", str(tmp_path / "x.png")])
+    assert res.exit_code != 0 and "multiples of 16" in res.output and "Traceback" not in res.output
+    assert pipe("a", width=80, height=64, num_inference_steps=1, output_type="np").images.shape == (1, 64, 80, 3)

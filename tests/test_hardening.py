@@ -483,18 +483,14 @@ def _boom(*a, **k):
 
 
 def test_internal_error_is_one_line_without_debug(model, outdir, monkeypatch):
-    from runtime.pipeline import StableDiffusionPipeline
-
-    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", _boom)
+    monkeypatch.setattr("runtime.pipeline.pipeline_for", _boom)
     line = error_line(rt(*gen_args(model, outdir / "x.png")), "RuntimeError", "boom happened", "--debug", code=1)
     assert "second line" not in line
 
 
 @pytest.mark.parametrize("where", ["command", "group"])
 def test_debug_shows_the_traceback(model, outdir, monkeypatch, where):
-    from runtime.pipeline import StableDiffusionPipeline
-
-    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", _boom)
+    monkeypatch.setattr("runtime.pipeline.pipeline_for", _boom)
     args = gen_args(model, outdir / "x.png")
     args = args + ["--debug"] if where == "command" else ["--debug", *args]
     r = rt(*args)

@@ -59,6 +59,44 @@ def test_generate_without_torch(tiny_export, tmp_path):
     assert "Sampler: PLMS" in params
 
 
+SERVE_MODULES = """
+import importlib, pkgutil, runtime.serve
+for m in pkgutil.iter_modules(runtime.serve.__path__):
+    if m.name != 'ray':                      # the Ray extra's module: it imports Ray, not torch
+        importlib.import_module(f'runtime.serve.{m.name}')
+"""
+
+
+def test_serve_without_torch(tiny_export):
+    """The serving install stays torch-free: every serve module imports, a txt2img request is served, Ctrl-C exits."""
+    import base64
+    import io
+    import re
+    import signal
+    import urllib.request
+
+    script = BLOCK_TORCH.replace("from runtime.cli import main", SERVE_MODULES + "from runtime.cli import main")
+    cmd = [sys.executable, "-c", script, "serve", "--model", str(tiny_export[0]), "--port", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONPATH": str(ROOT)})
+    try:
+        port = next(int(m.group(1)) for line in proc.stderr
+                    if (m := re.search(r"serving on http://127\.0\.0\.1:(\d+)/", line)))
+        body = json.dumps({"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 1}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.loads(r.read())
+        with Image.open(io.BytesIO(base64.b64decode(reply["images"][0]))) as im:
+            assert im.size == (64, 64) and im.text["parameters"].startswith("a cat\n")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "is blocked" not in proc.stderr.read()
+
+
 def test_batch_gets_numbered_files_and_per_image_seeds(tiny_export, tmp_path):
     out = tmp_path / "b.png"
     args = base_args(tiny_export[0], out)

@@ -349,7 +349,8 @@ def test_from_config_ignores_unknown_and_foreign_keys():
 
 
 def test_defaults_match_diffusers_signatures():
-    ours_only = {"eta", "sigma_min", "sigma_max", "solver_p"}
+    ours_only = {"eta", "sigma_min", "sigma_max", "solver_p",       # keys we add where diffusers has none:
+                 "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "final_sigmas_type"}  # Euler a
     for entry in REGISTRY:
         params = inspect.signature(diffusers_class(entry.cls.diffusers_name).__init__).parameters
         for key, value in entry.cls.defaults.items():

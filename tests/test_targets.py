@@ -105,7 +105,7 @@ def one_line_error(result, *words):
 # -- profiles ------------------------------------------------------------------------------------------------
 
 def test_shipped_profiles():
-    assert profile_names() == ["cpu", "cuda", "directml", "tensorrt"]
+    assert profile_names() == ["cpu", "cuda", "directml", "openvino", "tensorrt"]
 
 
 @pytest.mark.parametrize("target", ["cpu", "cuda", "tensorrt", "directml"])
@@ -114,11 +114,12 @@ def test_shipped_profile_loads_and_validates(target):
     assert p.name == target
     assert p.provider.endswith("ExecutionProvider")
     assert p.precision in ("fp32", "fp16")
-    assert set(p.shapes) == {"batch", "height", "width"}
+    assert {"batch", "height", "width"} <= set(p.shapes) <= {"batch", "height", "width", "sequence"}
     for axis, r in p.shapes.items():
         assert isinstance(r, ShapeRange) and 0 < r.min <= r.opt <= r.max
-        assert axis == "batch" or not (r.min % 8 or r.opt % 8 or r.max % 8)
-    assert set(p.keep_fp32) <= set(COMPONENTS)
+        step = {"batch": 1, "sequence": 77}.get(axis, 8)               # pixels: multiples of 8; text: CLIP chunks
+        assert not (r.min % step or r.opt % step or r.max % step)
+    assert set(p.keep_fp32) <= set(COMPONENTS) | {"text_encoder_3"}          # SD3's T5 on GPU targets
     assert len(p.hash) == 64 and p.source.endswith(f"{target}.toml")
     assert load_profile(str(PROFILE_DIR / f"{target}.toml")) == p     # by path, same profile
 
@@ -328,7 +329,7 @@ def test_weights_and_io_precision(exports, target):
 
 def test_cuda_keeps_the_vae_in_fp32(exports):
     profile = load_profile("cuda")
-    assert set(profile.keep_fp32) == {"vae_encoder", "vae_decoder"}
+    assert set(profile.keep_fp32) == {"vae_encoder", "vae_decoder", "text_encoder_3"}     # and SD3's T5
     folder = exports("cuda")
     for name in ("vae_encoder", "vae_decoder"):
         assert not any(t.data_type == TensorProto.FLOAT16 for t in _load(folder, name).graph.initializer), name

@@ -66,6 +66,7 @@ class Scheduler:
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
     clamp_terminal: ClassVar[bool] = False  # diffusers sets alpha_bar[-1] = 2**-24 under zero SNR
     postprocesses_x0: ClassVar[bool] = True  # clip_sample / thresholding applied to x0 (TCD ignores them)
+    supported_flags: ClassVar[frozenset] = frozenset()  # config.UNSUPPORTED_FLAGS this class implements
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -93,8 +94,9 @@ class Scheduler:
         return False
 
     # -- schedule -----------------------------------------------------------------
-    def plan(self, num_inference_steps: int) -> Plan:
-        """The timesteps and sigmas of a num_inference_steps run (diffusers' set_timesteps)."""
+    def plan(self, num_inference_steps: int, **options: Any) -> Plan:
+        """The timesteps and sigmas of a num_inference_steps run (diffusers' set_timesteps; options: its extra
+        arguments, e.g. flow matching's mu)."""
         n = num_inference_steps
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise ValueError(f"num_inference_steps must be an integer, got {n!r}")
@@ -103,7 +105,7 @@ class Scheduler:
         if n > self.config.num_train_timesteps:
             raise ValueError(f"num_inference_steps ({n}) cannot exceed num_train_timesteps "
                              f"({self.config.num_train_timesteps})")
-        return self._plan(int(n))
+        return self._plan(int(n), **options)
 
     def _plan(self, n: int) -> Plan:
         raise NotImplementedError

@@ -54,6 +54,16 @@ class SchedulerConfig:
     disable_corrector: tuple[int, ...] = ()
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    shift: float = 1.0                          # flow matching (SD3): timestep shift and its variants
+    use_dynamic_shifting: bool = False
+    base_shift: float | None = 0.5
+    max_shift: float | None = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    invert_sigmas: bool = False
+    shift_terminal: float | None = None
+    time_shift_type: str = "exponential"
+    stochastic_sampling: bool = False
 
     @property
     def sigma_schedule(self) -> str | None:
@@ -78,8 +88,11 @@ def _normalise(key: str, value: Any) -> Any:
 
 
 def resolve(defaults: Mapping[str, Any], config: Mapping[str, Any],
-            *overrides: Mapping[str, Any], class_name: str = "scheduler") -> SchedulerConfig:
-    """Class defaults, then the keys of `config` the class accepts, then each overrides mapping in turn."""
+            *overrides: Mapping[str, Any], class_name: str = "scheduler",
+            supported: frozenset = frozenset()) -> SchedulerConfig:
+    """Class defaults, then the keys of `config` the class accepts, then each overrides mapping in turn.
+
+    `supported`: the UNSUPPORTED_FLAGS this class does implement (flow matching's use_dynamic_shifting)."""
     skipped = set(config.get("_use_default_values", ()))
     values = dict(defaults)
     layers = [{k: v for k, v in config.items() if k not in skipped}, *overrides]
@@ -87,7 +100,7 @@ def resolve(defaults: Mapping[str, Any], config: Mapping[str, Any],
         for key, value in layer.items():
             if key in defaults:
                 values[key] = value
-    for flag in UNSUPPORTED_FLAGS:
+    for flag in set(UNSUPPORTED_FLAGS) - supported:
         if values.pop(flag, None):
             raise ValueError(f"{class_name}: {flag} is not supported by this runtime")
     return SchedulerConfig(**{k: _normalise(k, v) for k, v in values.items()})

@@ -126,7 +126,9 @@ class EulerAncestral(SigmaScheduler):
     """Euler step down to sigma_down plus fresh noise of std sigma_up (k-diffusion sample_euler_ancestral)."""
 
     diffusers_name = "EulerAncestralDiscreteScheduler"
-    defaults = _k_defaults(rescale_betas_zero_snr=False, eta=1.0)
+    # diffusers' class has no sigma-schedule flags; A1111 (k-diffusion) runs it on any schedule type, so we do too
+    defaults = _k_defaults(rescale_betas_zero_snr=False, eta=1.0, use_karras_sigmas=False, use_exponential_sigmas=False,
+                           use_beta_sigmas=False, sigma_min=None, sigma_max=None, final_sigmas_type="zero")
     prediction_types = ("epsilon", "v_prediction")
     clamp_terminal = True
 

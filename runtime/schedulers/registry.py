@@ -16,6 +16,7 @@ from .deis import DEIS
 from .dpm2 import DPM2, DPM2Ancestral
 from .dpm_singlestep import DPMSolverSinglestep
 from .dpm_solver import DPMSolverMultistep
+from .flow_match import FlowMatchEuler, FlowMatchHeun
 from .k_samplers import LMS, Euler, EulerAncestral, Heun
 from .lcm import LCM, TCD
 from .pndm import PNDM
@@ -60,6 +61,10 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("euler", Euler, "Euler in sigma (Karras et al. 2022)"),
     Entry("euler-a", EulerAncestral, "Euler ancestral, stochastic (k-diffusion)",
           aliases=("euler_a", "euler-ancestral")),
+    Entry("flow-euler", FlowMatchEuler, "Flow-matching Euler, for rectified-flow models such as SD3 "
+          "(Esser et al. 2024)", aliases=("flow_euler", "flowmatch-euler")),
+    Entry("flow-heun", FlowMatchHeun, "Flow-matching Heun, two model calls per step, for rectified-flow models",
+          aliases=("flow_heun", "flowmatch-heun")),
     Entry("heun", Heun, "Heun 2nd order, two UNet calls per step (Karras et al. 2022)"),
     Entry("lcm", LCM, "Latent Consistency Model sampling, for LCM weights (Luo et al. 2023)"),
     Entry("lms", LMS, "Linear multistep, order 4 (k-diffusion)"),
@@ -186,5 +191,6 @@ def from_config(config: Mapping[str, Any], name: str | None = None, **overrides:
         registry_name, schedule = resolve_sampler(target)
         entry = _entry(registry_name)
         cls, implied, label = entry.cls, {**entry.overrides, **schedule}, entry.name
-    cfg = resolve(cls.defaults, config, implied, overrides, class_name=cls.diffusers_name)
+    cfg = resolve(cls.defaults, config, implied, overrides, class_name=cls.diffusers_name,
+                  supported=cls.supported_flags)
     return cls(config=cfg, name=label or _display_entry(cls, vars(cfg)).name)
