@@ -28,6 +28,10 @@ SD15_TEXT = dict(         # text_encoder/config.json (CLIP ViT-L/14 text tower)
     bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
+SD15_SMALL_VERSION = 1    # the cache key of the half-width model below
+SD15_SMALL_UNET = SD15_UNET | dict(block_out_channels=(160, 320, 640, 640))   # half width: ~1/4 of the UNet work
+
+
 def sd15_unet():
     """The full-size SD 1.5 UNet with seeded random weights."""
     return random_unet(SD15_UNET).eval()
@@ -38,9 +42,14 @@ def sd15_folder() -> Path:
     return cached_folder(cache_dir() / f"sd15-random-v{SD15_VERSION}", build_sd15)
 
 
-def build_sd15(dest: Path) -> None:
+def sd15_small_folder() -> Path:
+    """A small SD 1.5-like model (half-width UNet, the real text encoder and VAE) with random weights."""
+    return cached_folder(cache_dir() / f"sd15-small-random-v{SD15_SMALL_VERSION}", partial(build_sd15, unet=SD15_SMALL_UNET))
+
+
+def build_sd15(dest: Path, unet: dict = SD15_UNET) -> None:
     """Save UNet, VAE, text encoder, tokenizer and scheduler in the real SD 1.5 layout."""
-    build_pipeline(dest, unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, scheduler=SCHEDULER_CONFIG,
+    build_pipeline(dest, unet=unet, vae=SD15_VAE, text=SD15_TEXT, scheduler=SCHEDULER_CONFIG,
                    facts=VARIANTS["tiny"])
 
 
@@ -48,6 +57,7 @@ def build_sd15(dest: Path) -> None:
 IMAGE_TO_IMAGE = {name for name, v in VARIANTS.items() if v["pipeline"].endswith("Img2ImgPipeline")}
 BUILDERS = {name: partial(tiny_folder, name) for name in VARIANTS if name not in IMAGE_TO_IMAGE}
 BUILDERS["sd15-random"] = sd15_folder
+BUILDERS["sd15-small-random"] = sd15_small_folder
 
 
 def skip_reason(name: str) -> str | None:

@@ -43,6 +43,7 @@ class GraphInfo:
     custom_ops: tuple = ()
     data_file: str | None = None
     weight_map: str | None = None     # <component>/weight_map.json: source weight -> initializer (runtime.lora)
+    provider_options: dict = field(default_factory=dict)   # this graph's own options (TensorRT shape profiles)
 
     @staticmethod
     def from_dict(name: str, d: dict) -> "GraphInfo":
@@ -53,7 +54,8 @@ class GraphInfo:
             inputs=tuple(TensorInfo.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorInfo.from_dict(t) for t in d["outputs"]),
             precision=d.get("precision", "fp32"), provider=d.get("provider", "CPUExecutionProvider"),
-            custom_ops=tuple(d.get("custom_ops", ())), weight_map=d.get("weight_map"))
+            custom_ops=tuple(d.get("custom_ops", ())), weight_map=d.get("weight_map"),
+            provider_options=dict(d.get("provider_options", {})))
 
 
 @dataclass(frozen=True)

@@ -126,13 +126,17 @@ class Model:
                                        name, self.session_config)
         return self._graphs[name]
 
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse image sizes the denoiser cannot take: positive multiples of its size multiple."""
+        m = self.facts.size_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise UserError(f"width and height must be positive multiples of {m} for this model, got {width}x{height}")
+
     def check_shape(self, batch: int, height: int, width: int) -> None:
         """Refuse sizes the denoiser cannot take or outside the exported ranges."""
         if self.manifest:
             self.manifest.check_shape(batch, height, width)
-        m = self.facts.size_multiple
-        if height % m or width % m:
-            raise UserError(f"width and height must be multiples of {m} for this model, got {width}x{height}")
+        self.check_size(height, width)
 
 
 def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: bool = True,

@@ -18,7 +18,7 @@ from .errors import UserError
 from .layout import TEXT_ENCODERS
 from .model import Model, open_model
 from .randn import BatchGenerator
-from .request import GenerationRequest, check_size
+from .request import GenerationRequest
 from .schedulers import Scheduler, a1111_sampler, from_config
 
 # (step, total, timestep, latents) -> True to stop after this step: the latents so far are decoded, as diffusers'
@@ -166,8 +166,7 @@ class StableDiffusionPipeline:
         if view is not self:
             return view.run(r, generator=generator, callback=callback)
         height, width = self._size(r)
-        f = self.model.facts.vae_scale_factor
-        check_size(height, width, f)
+        self.model.check_size(height, width)
         prep = None
         if r.inpaint is not None:            # A1111 mask handling: blur, crop, fill; pasted back after decoding
             from .a1111.inpaint import prepare
@@ -184,6 +183,7 @@ class StableDiffusionPipeline:
                       r.guidance_scale, r.prompt_syntax, r.clip_skip)
         if self.model.one_shot:         # the text encoders are done: free them before the denoiser's activations
             self.model.release(only=tuple(e for e, _ in TEXT_ENCODERS))
+        f = self.model.facts.vae_scale_factor
         shape = (r.total_images, self.model.facts.latent_channels, height // f, width // f)
         state = _Prepared.build(self, r, sched, plan, start, gen, shape, prep)
         control = prepare_control(self.model, r, cond.passes(), uses_guidance(self.model, r.guidance_scale),

@@ -176,8 +176,3 @@ def _check_syntax(r: GenerationRequest) -> None:
         for i, text in enumerate(texts):
             check_prompt(text, label if len(texts) == 1 else f"{label} {i}")
 
-
-def check_size(height: int, width: int, factor: int) -> None:
-    """The resolved image size must be a multiple of the VAE's scale factor."""
-    if height % factor or width % factor or height <= 0 or width <= 0:
-        raise UserError(f"width and height must be positive multiples of {factor}, got {width}x{height}")

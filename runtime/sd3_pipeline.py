@@ -16,7 +16,7 @@ from .errors import UserError
 from .layout import T5_ENCODER
 from .model import Model, open_model
 from .pipeline import PipelineOutput, StableDiffusionPipeline, StepCallback
-from .request import DEFAULTS, GenerationRequest, check_size
+from .request import DEFAULTS, GenerationRequest
 from .schedulers import Scheduler, a1111_sampler, from_config
 from .schedulers.flow_match import FlowMatchScheduler, resolution_mu
 from .sd3_conditioning import SD3Prompts, encode_sd3
@@ -68,7 +68,7 @@ class StableDiffusion3Pipeline(StableDiffusionPipeline):
         facts = self.model.facts
         height, width = self._size(r)
         f = facts.vae_scale_factor
-        check_size(height, width, f * facts.patch_size)            # whole transformer patches
+        self.model.check_size(height, width)                        # whole transformer patches
         self.model.check_shape(r.total_images, height, width)
         gen = generator or r.generator()
         sched, plan = self._flow_schedule(r, height // f, width // f)

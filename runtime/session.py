@@ -1,6 +1,7 @@
 """onnxruntime sessions per provider, and a graph wrapper that checks every input before it runs."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,9 @@ def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target:
             f"{path.parent.name} was built for target {target!r} ({info.provider}; needs "
             f"{', '.join(info.custom_ops[:4])}), which {', '.join(cfg.providers)} cannot run; "
             f"re-export with --target for this machine or pick --provider {_provider_key(info.provider)}")
-    options = [cfg.provider_options.get(p, {}) for p in cfg.providers]
+    options = [cfg.provider_options.get(p, {}) | (info.provider_options if info and p == info.provider else {})
+               for p in cfg.providers]            # the folder's options, then this graph's own (TensorRT shapes)
+    options = [engine_cache_options(o, initializers) for o in options]
     try:
         # onnxruntime's NCHWc layout pass reads Conv weights from the graph file, ignoring overrides: skip it then
         layout = {"disabled_optimizers": ["NchwcTransformer"]} if any(v.ndim == 4 for v in
@@ -103,6 +106,20 @@ def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target:
         msg = str(e).splitlines()[0][:300]
         hint = f" (built for target {target!r})" if "NOT_IMPLEMENTED" in str(e) or "kernel" in str(e) else ""
         raise ModelFolderError(f"cannot load {path}{hint}: {msg}") from None
+
+
+def engine_cache_options(options: dict, initializers: dict | None) -> dict:
+    """TensorRT names cached engines by the graph's path and structure, not its weights: a session with changed
+    initializers (merged LoRA weights) gets its own engine cache folder, keyed by those weights, or it would load
+    the engine built with the old ones. The engine is then built once per weight set (the timing cache is shared)."""
+    if not initializers or not options.get("trt_engine_cache_enable"):
+        return options
+    digest = hashlib.sha256()
+    for name in sorted(initializers):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(initializers[name]).data)
+    base = Path(options.get("trt_engine_cache_path") or ".")
+    return options | {"trt_engine_cache_path": str(base / f"weights-{digest.hexdigest()[:16]}")}
 
 
 def _provider_key(provider: str) -> str:

@@ -15,7 +15,7 @@ from . import __version__
 from .controlnet import attach_controlnets, manifest_entries, recorded_sources
 from .export import export_component
 from .optimize import optimize_component
-from .profiles import Profile
+from .profiles import Profile, graph_provider_options
 from .sources import Components, load_components, present, resolve
 from .specs import component_specs, dims, manifest_io
 from .structure import check_structure, fp16_range_check
@@ -110,7 +110,8 @@ def _export_one(spec, components: Components, folder: Path, profile: Profile) ->
     (dest / "config.json").write_text(json.dumps(components.configs[spec.module], indent=2))
     data = dest / "model.onnx_data"
     return {"file": f"{spec.name}/model.onnx", "data_file": f"{spec.name}/model.onnx_data" if data.exists() else None,
-            **manifest_io(spec, d), "precision": "fp32", "provider": profile.provider, "custom_ops": []}
+            **manifest_io(spec, d), "precision": "fp32", "provider": profile.provider, "custom_ops": [],
+            "provider_options": graph_provider_options(profile, spec, components.configs)}
 
 
 def _copy_side_files(components: Components, folder: Path) -> None:

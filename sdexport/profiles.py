@@ -236,6 +236,11 @@ def tensorrt_shapes(profile: Profile, spec, configs: dict) -> dict:
     return out
 
 
+def graph_provider_options(profile: Profile, spec, configs: dict) -> dict:
+    """Options one graph's session adds to the profile's: TensorRT gets that graph's optimisation profile."""
+    return tensorrt_shapes(profile, spec, configs) if profile.provider == "TensorrtExecutionProvider" else {}
+
+
 def describe(profile: Profile) -> str:
     """A human-readable multi-line summary of a profile."""
     lines = [f"{profile.name}: {profile.description}", f"  file        {profile.source}",

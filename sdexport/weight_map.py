@@ -1,7 +1,7 @@
 """Per-graph weight map: source parameter name -> ONNX initializer and the transform between them.
 
 Built after every graph pass, by value: a source weight is found in the final graph as the same tensor (Conv),
-its transpose (MatMul), or a set of columns of a packed tensor (onnxruntime's fused Attention / MultiHeadAttention
+its transpose (MatMul), its NHWC permutation (NhwcConv, GPU targets), or a set of columns of a packed tensor (onnxruntime's fused Attention / MultiHeadAttention
 concatenate or interleave the transposed q, k, v weights). fp16 graphs are matched against the weights converted
 the way the fp16 pass converts them. Weights no pass kept recognisable (int8, folded) are listed as unmapped,
 so that the runtime can refuse a LoRA on them by name. The runtime (runtime.lora) merges LoRA deltas through it.
@@ -20,6 +20,7 @@ WEIGHT_MAP = "weight_map.json"
 LORA_TYPES = ("unet", "clip")                          # component model types LoRA files adapt
 FORMAT = 1
 FLOAT_TYPES = {1: np.float32, 10: np.float16}         # onnx TensorProto element types the map follows
+NHWC = (0, 2, 3, 1)                                    # Conv weight (out, in, kh, kw) -> NhwcConv's (out, kh, kw, in)
 
 
 def _digest(a: np.ndarray) -> bytes:
@@ -86,6 +87,14 @@ def _packed_columns(w: np.ndarray, columns: dict):
     return None
 
 
+def _forms(w: np.ndarray) -> list:
+    """(array, how the graph holds it) for every layout a pass may give a weight: as is; MatMul's transpose;
+    NhwcConv's (out, kh, kw, in) (onnxruntime's NHWC Conv fusion permutes Conv weights by (0, 2, 3, 1))."""
+    if w.ndim == 2:
+        return [(w, {"transpose": False}), (w.T, {"transpose": True})]
+    return [(w, {"transpose": False}), (w.transpose(NHWC), {"transpose": False, "permute": list(NHWC)})]
+
+
 def build_weight_map(graph: Path, module, model_type: str) -> dict:
     """The weight map of one exported graph against its source module."""
     tensors = _graph_tensors(graph)
@@ -98,11 +107,10 @@ def build_weight_map(graph: Path, module, model_type: str) -> dict:
         entry = None
         for dtype in sorted(dtypes):
             g = _as_graph_dtype(w, np.dtype(dtype))
-            forms = [(g, False)] + ([(g.T, True)] if g.ndim == 2 else [])
-            found = next(((_unclaimed(whole[k], claimed), t) for f, t in forms
+            found = next(((_unclaimed(whole[k], claimed), t) for f, t in _forms(g)
                           if (k := (dtype, f.shape, _digest(f))) in whole), None)
             if found:
-                entry = {"initializer": found[0], "transpose": found[1], "dtype": dtype}
+                entry = {"initializer": found[0], **found[1], "dtype": dtype}
                 break
         if entry is None:
             left[pname] = w

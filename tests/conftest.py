@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model built once, and one cpu export of it."""
+"""Shared fixtures: the tiny model built once, its cpu export, and its exports for the other targets."""
 from __future__ import annotations
 
 import os
@@ -41,3 +41,25 @@ def tiny_export(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports") / "tiny-cpu"
     report = convert(ConvertConfig("tiny", load_profile("cpu"), out))
     return out, report
+
+
+@pytest.fixture(scope="session")
+def tiny_targets(tiny_export, tmp_path_factory):
+    """target -> the tiny model's export folder for it, converted once per run on first use (cpu: tiny_export).
+
+    GPU targets skip the convert's PyTorch comparison: their optimised UNet/VAE graphs need GPU kernels, so the
+    convert could only compare the raw traces here; tests check those graphs structurally instead. Read-only:
+    copy a folder before changing it.
+    """
+    from sdexport.convert import ConvertConfig, convert
+    from sdexport.profiles import load_profile
+
+    folders = {"cpu": tiny_export[0]}
+
+    def get(target: str) -> Path:
+        if target not in folders:
+            out = tmp_path_factory.mktemp("targets") / f"tiny-{target}"
+            convert(ConvertConfig("tiny", load_profile(target), out, verify=False))
+            folders[target] = out
+        return folders[target]
+    return get

@@ -28,13 +28,9 @@ def error_line(result) -> str:
 # -- verify is honest -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cuda_export(tiny_folder, tmp_path_factory):
+def cuda_export(tiny_targets):
     """The tiny model exported for the cuda target (its fused graphs need CUDA kernels)."""
-    from sdexport.convert import ConvertConfig, convert
-
-    out = tmp_path_factory.mktemp("cuda") / "tiny-cuda"
-    convert(ConvertConfig("tiny", load_profile("cuda"), out, verify=False))
-    return out
+    return tiny_targets("cuda")
 
 
 def test_verify_fails_and_names_graphs_it_could_not_run(cuda_export):

@@ -324,7 +324,7 @@ def test_shared_helpers(tiny_export):
 def test_size_the_unet_cannot_halve_is_refused_in_one_line(tiny_export, tmp_path):
     """The tiny UNet halves its latents once: 72 px (9 latent cells) cannot come back up to the same size."""
     pipe = StableDiffusionPipeline.from_pretrained(tiny_export[0])
-    with pytest.raises(UserError, match=r"^width and height must be multiples of 16 for this model, got 72x64$"):
+    with pytest.raises(UserError, match=r"^width and height must be positive multiples of 16 for this model, got 72x64$"):
         pipe("a", width=72, height=64, num_inference_steps=1)
     res = CliRunner().invoke(runtime_main, ["generate", "--model", str(tiny_export[0]), "--prompt", "a",
                                             "--width", "72", "--height", "64", "--out", str(tmp_path / "x.png")])

@@ -320,3 +320,46 @@ def test_served_prompt_tags_use_the_lora_dir_and_it_is_listed(tiny_export, ours,
     want = ours(PROMPT, loras={files["kohya"]: 0.6}, height=SIZE, width=SIZE, num_inference_steps=2, seed=3,
                 scheduler="Euler", guidance_scale=7.0, prompt_syntax="a1111").images[0]
     assert np.array_equal(served_pixels, np.asarray(want))
+
+
+def _source_layout(entry: dict, array: np.ndarray) -> np.ndarray:
+    """A graph initializer's values in its source weight's layout (q/k/v columns unpacked, MatMul transposed)."""
+    x = array.astype(np.float32)
+    if "columns" in entry:
+        x = np.concatenate([x[:, a:b] for a, b in entry["columns"]], axis=1)
+    if "permute" in entry:                                                  # NhwcConv (out, kh, kw, in)
+        return x.transpose(np.argsort(entry["permute"]))
+    return (x.T if entry["transpose"] else x).reshape(entry["shape"])
+
+
+def test_fp16_gpu_folders_take_the_same_update_as_fp32(tiny_export, tiny_targets, files):
+    """A cuda folder (fp16 weights, fused attention with packed q/k/v) gets the same LoRA update per source weight
+    as the cpu folder's fp32 graphs, within fp16 rounding; its merged initializers stay fp16. (Its sessions need
+    CUDA kernels, so this compares the merged weights rather than images.)"""
+    from runtime.lora.apply import COMPONENTS, LoraCache, _layers_per_block
+    from runtime.lora.formats import load_lora
+    from runtime.lora.keys import resolve
+    from runtime.lora.merge import merged_initializers
+    from runtime.model import open_model
+
+    found, dtypes = {}, {}
+    for target, folder in (("cpu", tiny_export[0]), ("cuda", tiny_targets("cuda"))):
+        maps = {c: g for c, g in LoraCache(open_model(folder, provider="cpu")).graph_weights().items()
+                if c in COMPONENTS}
+        targets = resolve(load_lora(files["kohya"]), {c: g.names for c, g in maps.items()},
+                          {c: g.shapes for c, g in maps.items()}, _layers_per_block(folder))
+        for component, weights in maps.items():
+            merged = merged_initializers(weights, [(t, 0.8) for t in targets if t.component == component])
+            for name, entry in weights.weights.items():
+                if entry["initializer"] in merged:
+                    new = merged[entry["initializer"]]
+                    dtypes.setdefault(target, set()).add(new.dtype)
+                    old = _source_layout(entry, weights.read(entry["initializer"]))
+                    found.setdefault(target, {})[component, name] = (_source_layout(entry, new) - old, old)
+    cpu, cuda = found["cpu"], found["cuda"]
+    assert set(cuda) == set(cpu) and len(cpu) > 20
+    assert dtypes["cpu"] == {np.dtype(np.float32)} and np.dtype(np.float16) in dtypes["cuda"]
+    for key, (delta, base) in cpu.items():
+        gpu_delta = cuda[key][0]
+        assert np.abs(delta).max() > 1e-3, key                                         # the LoRA moved it
+        assert np.abs(gpu_delta - delta).max() <= 2e-3 * (np.abs(base).max() + np.abs(delta).max()), key

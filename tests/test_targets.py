@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,23 +34,9 @@ FUSED_OPS = {"enable_nhwc_conv": "NhwcConv", "enable_group_norm": "GroupNorm", "
 # -- fixtures ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def exports(tiny_export, tmp_path_factory):
-    """target -> export folder; each target converted once, on first use (cpu is the shared session export).
-
-    GPU targets skip the convert's PyTorch comparison: their optimised UNet/VAE graphs need GPU kernels, so the
-    convert could only compare the raw traces here; the structural checks below run on every graph instead.
-    """
-    from sdexport.convert import ConvertConfig, convert
-
-    folders = {"cpu": tiny_export[0]}
-
-    def get(target: str):
-        if target not in folders:
-            out = tmp_path_factory.mktemp("targets") / f"tiny-{target}"
-            convert(ConvertConfig("tiny", load_profile(target), out, verify=False))
-            folders[target] = out
-        return folders[target]
-    return get
+def exports(tiny_targets):
+    """target -> the tiny model's export for it (shared by every test module of the run)."""
+    return tiny_targets
 
 
 def _user_profile_text(name: str, **replace) -> str:
@@ -389,6 +376,33 @@ def test_tensorrt_graphs_without_contrib_ops_run_on_cpu(exports):
         assert model.graph(name).session.get_providers() == ["CPUExecutionProvider"], name
 
 
+
+def test_tensorrt_shape_profiles_reach_each_graphs_session(exports, monkeypatch):
+    """Every TensorRT graph carries its own min/opt/max shapes in the manifest, and its session gets them on top of
+    the folder's options (engine cache, fp16); CUDA (the fallback) does not get TensorRT's keys."""
+    import runtime.session as rs
+
+    folder = exports("tensorrt")
+    manifest = read_manifest(folder)
+    unet = manifest.graphs["unet"].provider_options
+    assert set(unet) == {"trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"}
+    assert "encoder_hidden_states:8x231x" in unet["trt_profile_max_shapes"]          # 3 chunks, 4 images x 2
+    assert manifest.graphs["text_encoder"].provider_options["trt_profile_max_shapes"] == "input_ids:4x77"
+    seen = {}
+
+    def fake_session(path, opts, providers, provider_options, **kw):
+        seen[Path(path).parent.name] = dict(zip(providers, provider_options))
+        raise RuntimeError("no GPU here")
+
+    monkeypatch.setattr(rs.ort, "InferenceSession", fake_session)
+    cfg = rs.SessionConfig(providers=("TensorrtExecutionProvider", "CUDAExecutionProvider"),
+                           provider_options={"TensorrtExecutionProvider": {"trt_fp16_enable": True}}, threads=1)
+    for name in ("unet", "text_encoder"):
+        with pytest.raises(ModelFolderError):
+            rs.make_session(folder / name / "model.onnx", cfg, manifest.graphs[name], "tensorrt")
+        trt = seen[name]["TensorrtExecutionProvider"]
+        assert trt == {"trt_fp16_enable": True} | manifest.graphs[name].provider_options
+        assert seen[name]["CUDAExecutionProvider"] == {}
 # -- shape ranges --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target, batch, height, width, words", [
@@ -433,3 +447,20 @@ def test_fp16_overflow_is_caught_before_conversion(tiny_folder, tmp_path):
     with pytest.raises(UserError, match="unet fp16 range"):
         convert(ConvertConfig(str(src), load_profile("cuda"), tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_engines_are_cached_per_weight_set(tmp_path):
+    """A merged LoRA session must not load the engine TensorRT cached for the plain weights (its cache key is the
+    graph path and structure): changed initializers get their own cache folder, the same weights the same one."""
+    from runtime.session import engine_cache_options
+
+    trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "trt_cache"), "trt_fp16_enable": True}
+    w = {"unet.w": np.ones((4, 4), np.float32)}
+    assert engine_cache_options(trt, None) == trt and engine_cache_options(trt, {}) == trt
+    a, b = engine_cache_options(trt, w), engine_cache_options(trt, {"unet.w": np.full((4, 4), 2, np.float32)})
+    assert a["trt_engine_cache_path"].startswith(str(tmp_path / "trt_cache" / "weights-"))
+    assert a["trt_engine_cache_path"] != b["trt_engine_cache_path"] != trt["trt_engine_cache_path"]
+    assert engine_cache_options(trt, {"unet.w": np.ones((4, 4), np.float32)}) == a
+    assert {k: v for k, v in a.items() if k != "trt_engine_cache_path"} == {k: v for k, v in trt.items()
+                                                                            if k != "trt_engine_cache_path"}
+    assert engine_cache_options({"device_id": 0}, w) == {"device_id": 0}          # CUDA: nothing to key

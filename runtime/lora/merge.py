@@ -1,7 +1,7 @@
 """Merge LoRA updates into a graph's initializers, W' = W + scale * (alpha / r) * up @ down, through the weight map.
 
 The weight map (written by sdexport.weight_map) says where each source weight lives in the graph: the same tensor
-(Conv), its transpose (MatMul), or columns of a packed q/k/v tensor (fused attention). Updates of one initializer
+(Conv), its transpose (MatMul), its NHWC permutation (NhwcConv), or columns of a packed q/k/v tensor (fused attention). Updates of one initializer
 are summed in float32 and added once, then cast to the graph's dtype; the result overrides the initializer when the
 session is built (runtime.session.make_session `initializers`), so the graph file is never rewritten.
 """
@@ -66,7 +66,10 @@ class GraphWeights:
 
 def _place(work: np.ndarray, entry: dict, delta: np.ndarray) -> None:
     """Add a source-layout update to the float32 copy of its initializer, in the graph's layout."""
-    d = delta.T if entry["transpose"] else delta.reshape(work.shape)      # (in, out) for MatMul weights
+    if "permute" in entry:                                                # NhwcConv: (out, kh, kw, in)
+        d = delta.reshape(entry["shape"]).transpose(entry["permute"])
+    else:
+        d = delta.T if entry["transpose"] else delta.reshape(work.shape)  # (in, out) for MatMul weights
     if "columns" not in entry:
         work += d
         return
