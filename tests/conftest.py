@@ -63,3 +63,59 @@ def tiny_targets(tiny_export, tmp_path_factory):
             folders[target] = out
         return folders[target]
     return get
+
+
+@pytest.fixture(scope="session")
+def family_export(tiny_export, tmp_path_factory):
+    """name -> (diffusers folder, cpu export folder) of a built-in tiny family, converted (and verified) once per run.
+    Read-only: copy a folder before changing it."""
+    from sdexport.convert import ConvertConfig, convert
+    from sdexport.profiles import load_profile
+    from sdexport.tiny import tiny_folder
+
+    folders = {"tiny": (tiny_folder("tiny"), tiny_export[0])}
+
+    def get(name: str) -> tuple:
+        if name not in folders:
+            out = tmp_path_factory.mktemp("families") / name
+            convert(ConvertConfig(name, load_profile("cpu"), out))
+            folders[name] = (tiny_folder(name), out)
+        return folders[name]
+    return get
+
+
+SHIFTED_LAYERS = 4           # text encoder layers of the shifted model (the tiny one has 2): room for clip skip 2, 3
+
+
+@pytest.fixture(scope="session")
+def shifted_tiny(tiny_folder, tmp_path_factory):
+    """(diffusers folder, cpu export folder): the tiny model with a 4-layer text encoder whose final LayerNorm bias
+    is shifted. The random tiny encoder's states have a mean of about 1e-8, which makes A1111 emphasis' mean
+    rescaling pure rounding noise; real CLIP states have a clear mean, which the shift gives here."""
+    import shutil
+
+    import numpy as np
+    import torch
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    from sdexport.convert import ConvertConfig, convert
+    from sdexport.profiles import load_profile
+    from sdexport.tiny import prefix_text_model_keys
+
+    folder = tmp_path_factory.mktemp("shifted") / "tiny"
+    shutil.copytree(tiny_folder, folder)
+    config = transformers.CLIPTextConfig.from_pretrained(folder / "text_encoder")
+    config.num_hidden_layers = SHIFTED_LAYERS
+    torch.manual_seed(5)
+    shutil.rmtree(folder / "text_encoder")
+    transformers.CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    weights = folder / "text_encoder" / "model.safetensors"
+    prefix_text_model_keys(weights)
+    tensors = load_file(weights)
+    (key,) = [k for k in tensors if k.endswith("final_layer_norm.bias")]
+    tensors[key] = tensors[key] + np.linspace(0.1, 0.6, tensors[key].size, dtype=np.float32)
+    save_file(tensors, weights)
+    out = tmp_path_factory.mktemp("shifted-export") / "tiny-cpu"
+    convert(ConvertConfig(str(folder), load_profile("cpu"), out, license="other", verify=False))  # parity: the tests
+    return folder, out

@@ -19,27 +19,15 @@ from runtime.cli import main
 from runtime.errors import UserError
 from runtime.request import GenerationRequest
 from sdexport.profiles import load_profile
-from test_a1111_conditioning import BREAK, CASES, GUIDANCE, LONG, SIZE, STEPS, Reference, shifted_export
-
-LAYERS = 4
+from conftest import SHIFTED_LAYERS as LAYERS
+from runtime.pipeline import StableDiffusionPipeline
+from test_a1111_conditioning import BREAK, CASES, GUIDANCE, LONG, SIZE, STEPS, Reference
 
 
 @pytest.fixture(scope="module")
-def deep(tiny_folder, tmp_path_factory):
+def deep(shifted_tiny):
     """(diffusers folder, our pipeline on its cpu export): the tiny model with a 4-layer, shifted text encoder."""
-    import transformers
-
-    from sdexport.tiny import prefix_text_model_keys
-
-    folder = tmp_path_factory.mktemp("clip-skip") / "tiny"
-    shutil.copytree(tiny_folder, folder)
-    config = transformers.CLIPTextConfig.from_pretrained(folder / "text_encoder")
-    config.num_hidden_layers = LAYERS
-    torch.manual_seed(5)
-    shutil.rmtree(folder / "text_encoder")
-    transformers.CLIPTextModel(config).save_pretrained(folder / "text_encoder")
-    prefix_text_model_keys(folder / "text_encoder" / "model.safetensors")
-    return shifted_export(folder, tmp_path_factory.mktemp("clip-skip-export") / "tiny-cpu")
+    return shifted_tiny[0], StableDiffusionPipeline.from_pretrained(shifted_tiny[1], provider="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ over diffusers' own UNet, scheduler and VAE that makes the cond and uncond calls
 """
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -18,8 +17,6 @@ from click.testing import CliRunner
 from runtime.cli import main
 from runtime.conditioning import encode
 from runtime.pipeline import StableDiffusionPipeline
-from sdexport.convert import ConvertConfig, convert
-from sdexport.profiles import load_profile
 from sdexport.tiny import tiny_folder
 
 SIZE, STEPS, GUIDANCE = 64, 6, 7.5
@@ -122,28 +119,9 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def shifted(tiny_folder, tmp_path_factory):
-    """(folder, our pipeline on its export): the tiny model with its text encoder's final LayerNorm bias shifted.
-
-    The random tiny encoder's states have a mean of about 1e-8, which makes emphasis' mean rescaling pure rounding
-    noise; real CLIP states have a clear mean, which the shift gives here.
-    """
-    folder = tmp_path_factory.mktemp("a1111-shifted") / "tiny"
-    shutil.copytree(tiny_folder, folder)
-    return shifted_export(folder, tmp_path_factory.mktemp("a1111-shifted-export") / "tiny-cpu")
-
-
-def shifted_export(folder, out):
-    """(folder, our pipeline on its cpu export at `out`) after shifting the text encoder's final LayerNorm bias."""
-    from safetensors.numpy import load_file, save_file
-
-    weights = folder / "text_encoder" / "model.safetensors"
-    tensors = load_file(weights)
-    (key,) = [k for k in tensors if k.endswith("final_layer_norm.bias")]
-    tensors[key] = tensors[key] + np.linspace(0.1, 0.6, tensors[key].size, dtype=np.float32)
-    save_file(tensors, weights)
-    convert(ConvertConfig(str(folder), load_profile("cpu"), out, license="other"))
-    return folder, StableDiffusionPipeline.from_pretrained(out, provider="cpu")
+def shifted(shifted_tiny):
+    """(folder, our pipeline on its export): the tiny model with a shifted text encoder (conftest.shifted_tiny)."""
+    return shifted_tiny[0], StableDiffusionPipeline.from_pretrained(shifted_tiny[1], provider="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +195,8 @@ def test_plain_syntax_is_literal(ours, ref, latents):
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    out = tmp_path_factory.mktemp("a1111-sdxl") / "tiny-sdxl"
-    convert(ConvertConfig("tiny-sdxl", load_profile("cpu"), out))
-    return StableDiffusionPipeline.from_pretrained(out, provider="cpu")
+def sdxl(family_export):
+    return StableDiffusionPipeline.from_pretrained(family_export("tiny-sdxl")[1], provider="cpu")
 
 
 @pytest.mark.parametrize("negative", [None, "blurry, (lowres:1.4)"])

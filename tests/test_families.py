@@ -7,9 +7,6 @@ import torch
 
 from runtime.pipeline import StableDiffusionPipeline
 from runtime.schedulers import from_config
-from sdexport.convert import ConvertConfig, convert
-from sdexport.profiles import load_profile
-from sdexport.tiny import tiny_folder
 
 SIZE = 64
 TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}
@@ -26,15 +23,14 @@ def reference(folder, cls_name):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """name -> (source folder, our pipeline on its cpu export), converted once per family."""
+def exports(family_export):
+    """name -> (source folder, our pipeline on its cpu export), converted once per run (conftest.family_export)."""
     out = {}
 
     def get(name):
         if name not in out:
-            dest = tmp_path_factory.mktemp("families") / name
-            convert(ConvertConfig(name, load_profile("cpu"), dest))
-            out[name] = (tiny_folder(name), StableDiffusionPipeline.from_pretrained(dest, provider="cpu"))
+            folder, dest = family_export(name)
+            out[name] = (folder, StableDiffusionPipeline.from_pretrained(dest, provider="cpu"))
         return out[name]
     return get
 
