@@ -143,7 +143,9 @@ def markdown(result: dict) -> str:
              f"CPU: {result['cpu_line']} ({result['cores']} cores). Ray {result['ray']}, onnxruntime "
              f"{result['onnxruntime']}. Load: {result['requests']} A1111 txt2img requests from {result['clients']} "
              f"clients, {result['size']}x{result['size']}, {result['steps']} steps, Euler a, batch wait "
-             f"{result['batch_wait_ms']} ms.", "",
+             f"{result['batch_wait_ms']} ms. Load average before the run: "
+             f"{', '.join(f'{x:.1f}' for x in result.get('load_average_before', ()))} (other jobs shared the "
+             "cores when it is above 0: compare rows of one run, not seconds).", "",
              "| model | server | replicas x threads | max batch | images/min | p50 s | p95 s |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['kind']} | {r['replicas']} x {r['threads']} | {r['max_batch']} | "
@@ -154,19 +156,23 @@ def markdown(result: dict) -> str:
 
 def scaling_note(result: dict) -> list:
     """What the numbers predict for N machines: replicas scale out, the per-machine rate is the best row here."""
-    rays = [r for r in result["rows"] if r["kind"] == "ray"]
-    if not rays:
+    models = dict.fromkeys(r["model"] for r in result["rows"] if r["kind"] == "ray")
+    if not models:
         return []
-    best = max(rays, key=lambda r: r["images_per_min"])
-    one = next((r for r in rays if r["replicas"] == 1 and r["threads"] == 1 and r["max_batch"] == 1), best)
-    per_core = best["images_per_min"] / result["cores"]
+    per_model = []
+    for model in models:
+        rays = [r for r in result["rows"] if r["kind"] == "ray" and r["model"] == model]
+        best = max(rays, key=lambda r: r["images_per_min"])
+        one = next((r for r in rays if r["replicas"] == 1 and r["threads"] == 1 and r["max_batch"] == 1), best)
+        per_model.append(f"{model}: best {best['label']} at {best['images_per_min']:.1f} images/min "
+                         f"({best['images_per_min'] / result['cores']:.1f} per core), one 1-thread replica "
+                         f"{one['images_per_min']:.1f}, so N machines of this kind about N x "
+                         f"{best['images_per_min']:.1f}")
     return ["## Scaling to N machines", "",
-            f"Best here: {best['label']} at {best['images_per_min']:.0f} images/min ({per_core:.0f} per core); one "
-            f"1-thread replica makes {one['images_per_min']:.0f}. Replicas share nothing but the HTTP proxy (one per "
-            "node with `proxy_location: EveryNode`), so N machines of this kind with one replica per core should "
-            f"make about N x {best['images_per_min']:.0f} images/min while at least two requests per replica are in "
-            "flight (Ray routes each request to the less busy of two replicas); latency stays that of one "
-            "replica. Limits: each node holds a full copy of the model per replica (RAM), the load balancer puts "
+            "Best per model here — " + "; ".join(per_model) + ". Replicas share nothing but the HTTP proxy (one per "
+            "node with `proxy_location: EveryNode`), so N machines with one replica per core scale the per-machine "
+            "rate N-fold while at least two requests per replica are in flight (Ray routes each request to the "
+            "less busy of two replicas); latency stays that of one replica. Limits: each node holds a full copy of the model per replica (RAM), the load balancer puts "
             "requests behind busy replicas when clients send fewer than replicas, and per-replica state "
             "(progress, model switching) does not follow a client across replicas. " + batching_note(result), ""]
 
