@@ -11,7 +11,8 @@ from .cliutil import FriendlyGroup, debug_option
 from .errors import UserError
 from .cli_a1111 import apply_png_parameters, inpaint_options, outpaint_request, restore_original, sampler_scheduler
 from .cli_lora import configure as configure_loras, lora_options, parse_loras, register as register_loras
-from .request import DEFAULTS, PROMPT_SYNTAXES, STRENGTH
+from .cli_sd3 import CLI_STEPS, family_defaults, sd3_options, sd3_run_options
+from .request import DEFAULTS, PROMPT_SYNTAXES, SD3_DEFAULTS, STRENGTH
 
 
 @click.group(cls=FriendlyGroup)
@@ -72,9 +73,10 @@ FILLS = ("fill", "original", "latent-noise", "latent-nothing")    # A1111's inpa
 @click.option("--clip-skip", type=int, default=DEFAULTS["clip_skip"], show_default=True,
               help="A1111 'Clip skip' (SD 1.x/2.x): text states from the N-th layer from the end (diffusers' "
               "clip_skip = N - 1); plain syntax applies it to the prompt only, as diffusers; ignored for SDXL.")
-@click.option("--steps", default=25, show_default=True, type=int, help="Denoising steps.")
-@click.option("--guidance", default=DEFAULTS["guidance_scale"], show_default=True, type=float,
-              help="Classifier-free guidance scale.")
+@click.option("--steps", default=None, type=int, help=f"Denoising steps [default: {CLI_STEPS}; SD3: "
+              f"{SD3_DEFAULTS['num_inference_steps']}, as diffusers].")
+@click.option("--guidance", default=None, type=float, help=f"Classifier-free guidance scale [default: "
+              f"{DEFAULTS['guidance_scale']}; SD3: {SD3_DEFAULTS['guidance_scale']}].")
 @click.option("--seed", default=None, help="Integer seed (torch-compatible noise) or one per image: 1,2,3.")
 @click.option("--generator", "gen_kind", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True,
               help="Noise source: bit-exact with torch's CPU generator, or NumPy's.")
@@ -114,6 +116,9 @@ FILLS = ("fill", "original", "latent-noise", "latent-nothing")    # A1111's inpa
 @click.option("--out", required=True, type=click.Path(), help="Output .png (several get -1, -2 ...) or .npy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @lora_options
+@click.option("--embeddings", type=click.Path(), default=None, metavar="DIR",
+              help="Folder of textual-inversion embeddings (.safetensors); a file's name is its prompt word.")
+@sd3_options
 @debug_option
 @click.pass_context
 def generate(ctx, **values):
@@ -133,6 +138,7 @@ def _generate(ctx, values, model, prompt, negative_prompt, prompt_syntax, steps,
 
     from .atomic import check_writable_parent
     from .control import cli_units
+    from .embeddings import use_folder as use_embeddings
     from .images import open_image
     from .model import open_model
     from .pipeline import pipeline_for
@@ -159,6 +165,8 @@ def _generate(ctx, values, model, prompt, negative_prompt, prompt_syntax, steps,
         image, mask_image = grown
     sampler_scheduler(scheduler, None)                   # an unknown PNG sampler fails before the model loads
     seed_value = _parse_seed(seed, batch)
+    sd3 = sd3_run_options(values, model, _valid_text)    # SD3 folders only: refused before the model loads
+    steps, guidance = family_defaults(model, steps, guidance)
     request = GenerationRequest.create(
         _valid_text(prompt, "--prompt"), negative_prompt=_valid_text(negative_prompt, "--negative-prompt"),
         height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
@@ -170,11 +178,12 @@ def _generate(ctx, values, model, prompt, negative_prompt, prompt_syntax, steps,
     pipe = pipeline_for(open_model(Path(model), provider=provider, threads=threads, verify=not no_verify,
                                    precision=precision, one_shot=True))   # SD3 folders: runtime.sd3_pipeline
     configure_loras(pipe, values["lora_dir"], values["lora_partial"])
+    use_embeddings(pipe, values["embeddings"])
     if vae_tiling:
         pipe.vae_tiling = _tiling(vae_tile_size, pipe.model.facts.vae_scale_factor)
     if isinstance(scheduler, tuple):
         request = replace(request, scheduler=sampler_scheduler(scheduler, pipe.model))
-    result = _run_reporting(pipe, request, quiet)
+    result = _run_reporting(pipe, request, quiet, **sd3)
     images = result.images if grown is None else restore_original(result.images, grown)
     _write(out, images, request, result.sampler, model)
 
@@ -188,13 +197,13 @@ def _tiling(pixels: int, factor: int):
     return VaeTiling(tile=pixels // factor)
 
 
-def _run_reporting(pipe, request, quiet: bool):
+def _run_reporting(pipe, request, quiet: bool, **options):
     """pipe.run with a progress bar, and each Python warning (e.g. prompt truncation) as one `warning:` line."""
     bar = None if quiet else _ProgressBar()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            result = pipe.run(request, callback=bar)
+            result = pipe.run(request, callback=bar, **options)
         except BaseException:
             if bar is not None:
                 bar.close(failed=True)

@@ -38,9 +38,11 @@ INSTALL = 'runtime serve needs the serve extra: pip install "sdexport[serve]" (F
               help="With --ray: join this Ray cluster instead of starting one on this machine.")
 @click.option("--lora-dir", default=None, type=click.Path(), metavar="DIR",
               help="LoRA files that prompts name with A1111's <lora:name:weight> tags; listed at /sdapi/v1/loras.")
+@click.option("--embeddings-dir", default=None, type=click.Path(), metavar="DIR",
+              help="Textual-inversion embeddings prompts name by file stem; listed at /sdapi/v1/embeddings.")
 @debug_option
 def serve(model, host, port, api_auth, queue, workers, threads, provider, cors_origin, no_verify, max_batch,
-          batch_wait_ms, use_ray, replicas, autoscale, ray_address, lora_dir):
+          batch_wait_ms, use_ray, replicas, autoscale, ray_address, lora_dir, embeddings_dir):
     """Serve a model over HTTP: AUTOMATIC1111's /sdapi/v1 API, OpenAI's images route and a web page at /."""
     try:
         from .serve.server import serve as run_server
@@ -51,7 +53,8 @@ def serve(model, host, port, api_auth, queue, workers, threads, provider, cors_o
     settings = ServeSettings(Path(model), host=host, port=port, credentials=parse_credentials(api_auth),
                              queue=queue, workers=workers, threads=threads, provider=provider,
                              verify=not no_verify, cors_origins=tuple(cors_origin), max_batch=max_batch,
-                             batch_wait_ms=batch_wait_ms, lora_dir=Path(lora_dir) if lora_dir else None)
+                             batch_wait_ms=batch_wait_ms, lora_dir=Path(lora_dir) if lora_dir else None,
+                             embeddings_dir=Path(embeddings_dir) if embeddings_dir else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not settings.loopback and not settings.credentials:
         click.echo(f"warning: serving on {host} without --api-auth: anyone who can reach this port can use it",

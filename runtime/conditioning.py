@@ -95,7 +95,9 @@ def _encode_plain(model, encoder: str, tokenizer, texts: list, states: str) -> t
 
 def _encode_a1111(model, encoder: str, tokenizer, texts: list, states: str) -> tuple:
     """A1111's forward for one encoder: weighted 77-id chunks, emphasis per chunk, states (N, 77 * n, D)."""
-    tok = a1111.clip_chunk_tokenizer(tokenizer)
+    from .embeddings import chunk_tokenizer            # finds textual-inversion embeddings as A1111 does
+
+    tok = chunk_tokenizer(tokenizer)
     chunks = [a1111.tokenize_line(text, tok).chunks for text in texts]
     return a1111.encode_a1111(lambda ids: _run_encoder(model, encoder, ids, states), chunks, a1111.empty_chunk(tok))
 

@@ -168,6 +168,7 @@ def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: b
         execution_mode=session.get("execution_mode", "sequential"),
         inter_op_threads=int(session.get("inter_op_num_threads", 1)),
         enable_mem_pattern=bool(session.get("enable_mem_pattern", True)),
+        enable_cpu_mem_arena=bool(session.get("enable_cpu_mem_arena", True)),
         io_binding=bool(session.get("io_binding", False)) and io_binding,
         fixed_dims=bool(session.get("free_dimension_overrides", False)) and providers[0] != OPENVINO or cuda_graph,
         fixed_buffers=cuda_graph)

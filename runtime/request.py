@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.5, "num_images_per_prompt": 1, "output_type": "pil",
             "generator_kind": "torch",
             "prompt_syntax": "plain", "clip_skip": 1}
+SD3_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0,   # StableDiffusion3Pipeline.__call__'s
+                "strength": 0.6}                                     # StableDiffusion3Img2ImgPipeline's
 STRENGTH = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0}      # per mode, as each diffusers pipeline's default
 OUTPUT_TYPES = ("pil", "np", "latent")
 PROMPT_SYNTAXES = ("plain", "a1111")   # literal (diffusers), or AUTOMATIC1111's weights, BREAK and long prompts

@@ -16,13 +16,10 @@ from .errors import UserError
 from .layout import T5_ENCODER
 from .model import Model, open_model
 from .pipeline import PipelineOutput, StableDiffusionPipeline, StepCallback
-from .request import DEFAULTS, GenerationRequest
+from .request import DEFAULTS, SD3_DEFAULTS, GenerationRequest
 from .schedulers import Scheduler, a1111_sampler, from_config
 from .schedulers.flow_match import FlowMatchScheduler, resolution_mu
 from .sd3_conditioning import SD3Prompts, encode_sd3
-
-SD3_DEFAULTS = {"num_inference_steps": 28, "guidance_scale": 7.0,   # StableDiffusion3Pipeline.__call__'s
-                "strength": 0.6}                                     # StableDiffusion3Img2ImgPipeline's
 
 
 class StableDiffusion3Pipeline(StableDiffusionPipeline):

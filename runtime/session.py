@@ -31,6 +31,7 @@ class SessionConfig:
     execution_mode: str = "sequential"
     inter_op_threads: int = 1
     enable_mem_pattern: bool = True
+    enable_cpu_mem_arena: bool = True   # off: activations go back to the OS after each call (lower peak RSS)
     io_binding: bool = False          # bind inputs/outputs explicitly; constant inputs stay on the device
     fixed_dims: bool = False          # pin symbolic dims per request shape (DirectML free-dimension overrides)
     fixed_buffers: bool = False       # inputs/outputs at fixed device addresses per shape (CUDA graph replay)
@@ -82,6 +83,7 @@ def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target:
     opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if cfg.execution_mode == "parallel"
                            else ort.ExecutionMode.ORT_SEQUENTIAL)
     opts.enable_mem_pattern = cfg.enable_mem_pattern
+    opts.enable_cpu_mem_arena = cfg.enable_cpu_mem_arena
     opts.log_severity_level = 3
     overrides = [(n, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in (initializers or {}).items()]
     for name, value in overrides:                 # the session uses these buffers: kept alive on the session

@@ -222,10 +222,14 @@ class ClipTokenizer:
         keep = self._max_length - 2
         results = []
         for text, enc in zip(texts, self._backend.encode_batch(texts, add_special_tokens=False)):
-            ids = enc.ids
-            dropped = text[enc.offsets[keep][0]:].strip() if len(ids) > keep else None
+            ids, offsets = self._expanded(enc)
+            dropped = text[offsets[keep][0]:].strip() if len(ids) > keep else None
             results.append((ids[:keep], dropped))
         return results
+
+    def _expanded(self, enc) -> tuple[list, list]:
+        """(ids, offsets) of one encoding; a tokenizer with textual-inversion embeddings expands them here."""
+        return enc.ids, enc.offsets
 
     def __call__(self, prompts: list[str], on_truncate: TruncateCallback | None = None) -> np.ndarray:
         """Tokenize prompts to an int64 array of shape (len(prompts), model_max_length)."""

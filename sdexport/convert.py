@@ -16,6 +16,7 @@ from .controlnet import attach_controlnets, manifest_entries, recorded_sources
 from .export import export_component
 from .optimize import optimize_component
 from .profiles import Profile, graph_provider_options
+from .quantize import apply_static_int8, int8_settings
 from .sources import Components, load_components, present, resolve
 from .specs import component_specs, dims, manifest_io
 from .structure import check_structure, fp16_range_check
@@ -81,6 +82,8 @@ def convert(cfg: ConvertConfig, progress: Progress = _no_progress) -> ConvertRep
         if failed:
             raise UserError("verification failed: " + "; ".join(c.describe() for c in failed))
         _copy_side_files(components, tmp)
+        if int8_settings(cfg.profile).mode == "static":       # calibrated on pipeline runs of the whole folder
+            apply_static_int8(tmp, components, cfg.profile, graphs, report.checks, progress)
         write_manifest(tmp, components, cfg.profile, graphs, report.checks)
     return report
 

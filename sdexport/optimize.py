@@ -10,8 +10,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .onnx_io import DATA_FILE, STANDARD_DOMAINS, custom_ops, load_model, replace_model, save_model
+from .cpu_attention import rewrite_file as multihead_self_attention_file
+from .onnx_io import DATA_FILE, STANDARD_DOMAINS, custom_ops, load_model, replace_model
 from .profiles import Profile
+from .quantize import int8_settings, quantize_dynamic_int8
 from .specs import ComponentSpec
 
 
@@ -85,9 +87,11 @@ def optimize_component(path: Path, spec: ComponentSpec, profile: Profile) -> dic
                 model.convert_float_to_float16(keep_io_types=True, op_block_list=list(profile.fp32_ops))
             model.topological_sort()
         _replace(path, model.model)
-    quantize = profile.quantize_unet and spec.model_type == "unet"
-    if quantize:
-        quantize_int8(path)
+    if profile.multihead_self_attention:      # CPU: the tiled (flash) kernel, no (B, heads, S, S) buffer
+        multihead_self_attention_file(path)
+    quantize = int8_settings(profile).mode == "dynamic" and spec.model_type == "unet"
+    if quantize:                        # static int8 needs the whole folder: quantize.static_int8 after export
+        quantize_dynamic_int8(path)
     if profile.preoptimize != "disabled":
         preoptimize(path, profile.preoptimize)
     return {"precision": "int8" if quantize else precision, "custom_ops": custom_ops(path)}
@@ -113,27 +117,6 @@ def _replace(path: Path, model) -> None:
     """Write a processed ModelProto over dest/model.onnx, declaring the contrib domains it uses."""
     _declare_domains(model)
     replace_model(path, model)
-
-
-def quantize_int8(path: Path) -> None:
-    """Dynamic int8 quantisation of MatMul/Gemm weights (activations quantised at run time)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out = path.with_name("model.int8.onnx")
-    # DefaultTensorType: shape inference cannot type the outputs of fused contrib ops (Attention, ...) in an
-    # fp32 graph; without it quantize_dynamic fails on any fused UNet.
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                     use_external_data_format=(path.parent / DATA_FILE).exists(),
-                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
-    for f in path.parent.glob(f"{DATA_FILE}*"):
-        f.unlink()
-    model = load_model(out)
-    out.unlink()
-    for f in path.parent.iterdir():
-        if f.name not in ("model.onnx", "config.json") and f.is_file():
-            f.unlink()
-    save_model(model, path)
 
 
 def preoptimize(path: Path, level: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
+from .quantize import check_int8, int8_settings
 from .specs import COMPONENT_NAMES
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -21,7 +22,8 @@ TRT_SHAPES = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_m
 PROVIDER_OPTIONS = Path(__file__).parent / "data" / "provider_options.json"
 SESSION_KEYS = {    # [session]: what the runtime reads into onnxruntime SessionOptions, with the allowed values
     "intra_op_num_threads": int, "inter_op_num_threads": int, "execution_mode": ("sequential", "parallel"),
-    "graph_optimization_level": LEVELS, "enable_mem_pattern": bool}
+    "graph_optimization_level": LEVELS, "enable_mem_pattern": bool,
+    "enable_cpu_mem_arena": bool}
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class Profile:
     preoptimize: str = "disabled"     # offline pre-optimisation level at export (CPU provider only: portable)
     keep_fp32: tuple = ()             # components left fully fp32 on an fp16 target
     fp32_ops: tuple = ()              # op types kept fp32 inside fp16 graphs
-    quantize_unet: bool = False
+    quantize_unet: bool = False       # dynamic int8 UNet (the older spelling of int8.mode = "dynamic")
+    multihead_self_attention: bool = False   # fused self-attention as MultiHeadAttention (sdexport.cpu_attention)
+    int8: dict = field(default_factory=dict)   # [int8]: mode off/dynamic/static and its settings (sdexport.quantize)
     io_binding: bool = False
     cuda_graph: bool = False          # CUDA graph capture/replay per static shape (needs io_binding)
     free_dimension_overrides: bool = False
@@ -72,10 +76,10 @@ class Profile:
 _SCALARS = {
     "name": str, "description": str, "provider": str, "opset": int, "precision": str,
     "preoptimize": str, "quantize_unet": bool, "io_binding": bool, "cuda_graph": bool,
-    "free_dimension_overrides": bool,
+    "free_dimension_overrides": bool, "multihead_self_attention": bool,
 }
 _LISTS = ("keep_fp32", "fp32_ops", "fallback_providers")
-_TABLES = ("shapes", "fusions", "session", "provider_options")
+_TABLES = ("shapes", "fusions", "session", "provider_options", "int8")
 
 
 def profile_names() -> list[str]:
@@ -124,6 +128,7 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     _check_fusions(data.get("fusions", {}), where)
     _check_session(data.get("session", {}), where)
     _check_provider_options(data, where)
+    check_int8(data.get("int8", {}), where)
     fields = {k: data[k] for k in _SCALARS if k in data}
     fields |= {k: tuple(data.get(k, ())) for k in _LISTS}
     fields |= {k: dict(data.get(k, {})) for k in _TABLES}
@@ -253,6 +258,7 @@ def describe(profile: Profile) -> str:
                 if profile.fusion_enabled else ", fusions off")]
     for axis, r in profile.shapes.items():
         lines.append(f"  {axis:<11} min {r.min}, opt {r.opt}, max {r.max}")
-    if profile.quantize_unet:
-        lines.append("  unet        int8 dynamic quantisation")
+    mode = int8_settings(profile).mode
+    if mode != "off":
+        lines.append(f"  unet        int8 {mode} quantisation")
     return "\n".join(lines)

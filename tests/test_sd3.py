@@ -224,6 +224,51 @@ def test_bad_requests_fail_in_one_line(ours):
             ours.run(GenerationRequest.create("a cat", num_inference_steps=1, height=SIZE, width=SIZE, **kw))
 
 
+def generate(folder, out, *extra):
+    """`runtime generate` in-process: a small seeded SD3 request plus extra options."""
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    args = ["generate", "--model", folder, "--prompt", "a red barn", "--negative-prompt", "fog", "--steps", 2,
+            "--guidance", 5, "--width", SIZE, "--height", SIZE, "--seed", 7, "--quiet", "--out", out, *extra]
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_sd3_prompts_match_diffusers(sd3_export, tmp_path):
+    """--prompt-2/-3, --negative-prompt-3 and --max-sequence-length reach diffusers' prompt_2/prompt_3/...;
+    a different --prompt-3 alone changes the image, and leaving it out means the prompt, as diffusers."""
+    folder, out, _ = sd3_export
+    shared = ["--prompt-2", "a blue barn at dusk", "--negative-prompt-3", "blurry", "--max-sequence-length", 32]
+    images = {}
+    for name, extra in (("snow", ["--prompt-3", "an old barn in the snow"]), ("default", [])):
+        r = generate(out, tmp_path / f"{name}.npy", *shared, *extra)
+        assert r.exit_code == 0, r.output
+        images[name] = np.load(tmp_path / f"{name}.npy")
+    assert np.abs(images["snow"] - images["default"]).max() > 1e-3           # T5's own prompt reaches the image
+    ref = reference(folder)
+    kw = dict(prompt="a red barn", negative_prompt="fog", prompt_2="a blue barn at dusk", negative_prompt_3="blurry",
+              max_sequence_length=32, num_inference_steps=2, guidance_scale=5.0, height=SIZE, width=SIZE,
+              output_type="np")
+    for name, prompt_3 in (("snow", "an old barn in the snow"), ("default", None)):
+        with torch.no_grad():
+            want = ref(**kw, prompt_3=prompt_3, generator=torch.Generator().manual_seed(7)).images
+        assert np.abs(images[name] - want).max() <= 1e-3, name
+
+
+def test_cli_sd3_options_refused_in_one_line(sd3_export, tiny_export, tmp_path):
+    """A T5 length outside [2, 512] on an SD3 folder, and any SD3 option on a folder it would be ignored on."""
+    cases = [(sd3_export[1], ["--max-sequence-length", 600], "max_sequence_length"),
+             (sd3_export[1], ["--max-sequence-length", 1], "max_sequence_length"),
+             (tiny_export[0], ["--prompt-3", "snow", "--max-sequence-length", 77],
+              "--prompt-3, --max-sequence-length apply to SD3 models")]
+    for folder, extra, words in cases:
+        r = generate(folder, tmp_path / "x.png", *extra)
+        lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert r.exit_code == 2 and len(lines) == 1 and words in lines[0], r.output
+        assert not (tmp_path / "x.png").exists()
+
+
 BLOCK_TORCH = """
 import sys
 class _Block:
@@ -287,3 +332,13 @@ def test_cuda_profile_keeps_t5_fp32(tmp_path):
     assert "com.microsoft.MultiHeadAttention" in graphs["transformer"]["custom_ops"]      # the MMDiT fusion
     fp16 = [c for c in report.checks if c.component == "transformer" and c.stage == "optimised"]
     assert len(fp16) == 2 and all(c.ran and c.ok and c.min_psnr_db for c in fp16)
+
+
+def test_cli_defaults_follow_the_family(sd3_export, tiny_export):
+    """`runtime generate` without --steps/--guidance: diffusers' SD3 defaults (28, 7.0) on SD3 folders, ours
+    (25, 7.5) elsewhere; given values are kept."""
+    from runtime.cli_sd3 import family_defaults as _family_defaults
+
+    assert _family_defaults(sd3_export[1], None, None) == (28, 7.0)
+    assert _family_defaults(tiny_export[0], None, None) == (25, 7.5)
+    assert _family_defaults(sd3_export[1], 4, 3.0) == (4, 3.0)

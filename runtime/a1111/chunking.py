@@ -11,12 +11,14 @@ References (AUTOMATIC1111/stable-diffusion-webui):
   (FrozenCLIPEmbedderWithCustomWords, SD 1.x and SDXL's first encoder) and 0 for OpenCLIP
   (sd_hijack_open_clip.py: SD 2.x and SDXL's second encoder); the comma is the vocabulary's ',</w>'.
 - empty_chunk: bos then eos everywhere (pad after the first eos), all weights 1.0.
-Textual-inversion embeddings (chunk.fixes) are not handled.
+- Textual-inversion embeddings (chunk.fixes): an embedding's vectors stay in one chunk; when they do not fit in
+  what is left of the current one, that chunk is closed (padded) first. Here an embedding is the run of ids that
+  `ChunkTokenizer.spans` names by its first id (runtime.embeddings gives each vector an id of its own).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..tokenizer import ClipTokenizer, repair_surrogates
@@ -35,6 +37,7 @@ class ChunkTokenizer:
     eos: int
     pad: int                        # A1111's id_pad: eos for CLIP (SD 1.x), 0 ('!') for OpenCLIP (SD 2.x, SDXL)
     comma: int | None               # id of ',</w>'; None turns comma back-tracking off
+    spans: dict = field(default_factory=dict)   # first id of an embedding's run -> its vectors (kept in one chunk)
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,9 @@ class _Builder:
         self.chunks.append(wrap_chunk(self.tok, self.ids, self.weights))
         self.ids, self.weights, self.last_comma = [], [], -1
 
-    def add(self, token: int, weight: float) -> None:
-        """Append one token, first closing a full chunk (after the last comma when it is near)."""
+    def add(self, token: int, weight: float, run: Sequence[int] = ()) -> None:
+        """Append one token (or an embedding's `run` of ids starting with it), first closing a full chunk (after
+        the last comma when it is near), and for a run that does not fit in the rest of the chunk, closing that."""
         if token == self.tok.comma:
             self.last_comma = len(self.ids)
         elif (self.backtrack and len(self.ids) == CHUNK_LENGTH and self.last_comma != -1
@@ -90,10 +94,11 @@ class _Builder:
             del self.ids[cut:], self.weights[cut:]
             self.close()
             self.ids, self.weights = moved
-        if len(self.ids) == CHUNK_LENGTH:
+        if len(self.ids) == CHUNK_LENGTH or (run and len(self.ids) + len(run) > CHUNK_LENGTH):
             self.close()
-        self.ids.append(token)
-        self.weights.append(weight)
+        for t in run or (token,):
+            self.ids.append(t)
+            self.weights.append(weight)
 
 
 def chunk_prompt(runs: Sequence[tuple[str, float]], tok: ChunkTokenizer, comma_backtrack: int = COMMA_BACKTRACK,
@@ -104,8 +109,12 @@ def chunk_prompt(runs: Sequence[tuple[str, float]], tok: ChunkTokenizer, comma_b
         if is_break(run):
             builder.close()
             continue
-        for token in ids:
-            builder.add(token, run[1])
+        i = 0
+        while i < len(ids):
+            n = tok.spans.get(ids[i], 1)
+            n = n if n <= CHUNK_LENGTH else 1              # longer than a chunk: split like any tokens
+            builder.add(ids[i], run[1], ids[i:i + n] if n > 1 else ())
+            i += n
     if builder.ids or not builder.chunks:
         builder.close(last=True)
     if max_chunks is not None and len(builder.chunks) > max_chunks:

@@ -87,8 +87,10 @@ class LoraCache:
         m = self.model
         info = m.manifest.graphs.get(component)
         path = m.folder / component / "model.onnx"
-        return Graph(lambda dims: make_session(path, m.session_config, info, m.target, dims, initializers),
-                     component, m.session_config)
+        graph = Graph(lambda dims: make_session(path, m.session_config, info, m.target, dims, initializers),
+                      component, m.session_config)
+        graph.initializers = initializers              # textual-inversion embeddings extend these (runtime.embeddings)
+        return graph
 
     def _evict(self) -> None:
         """Drop least recently used sets beyond the count or byte bound (the newest always stays)."""

@@ -86,9 +86,10 @@ class ModelRegistry:
     """The offered entries, the current one, and the one loaded pipeline (thread-safe)."""
 
     def __init__(self, root: Path, provider: str = "auto", threads: int = 0, verify: bool = True,
-                 lora_dir: Path | None = None):
+                 lora_dir: Path | None = None, embeddings_dir: Path | None = None):
         self.entries = discover(root)
         self.provider, self.threads, self.verify, self.lora_dir = provider, threads, verify, lora_dir
+        self.embeddings_dir = embeddings_dir          # textual-inversion files prompts name (runtime.embeddings)
         self._current = self.entries[0]
         self._loaded: tuple | None = None           # (entry, pipeline, run guard)
         self._lock = threading.Lock()
@@ -136,6 +137,9 @@ class ModelRegistry:
 
         pipe = pipeline_for(open_model(entry.folder, provider=self.provider, threads=self.threads, verify=self.verify))
         pipe.lora_dir = self.lora_dir                # <lora:name:w> tags in prompts name files here
+        if self.embeddings_dir is not None:
+            from ..embeddings import use_folder
+            use_folder(pipe, self.embeddings_dir)
         names = tuple(pipe.model.manifest.graphs) if pipe.model.manifest else GRAPHS
         for name in names:
             if pipe.model.has(name):
@@ -143,6 +147,16 @@ class ModelRegistry:
         cfg = pipe.model.session_config
         reentrant = cfg.backend == "onnxruntime" and not (cfg.fixed_dims or cfg.fixed_buffers)
         return pipe, contextlib.nullcontext() if reentrant else threading.Lock()
+
+
+def available_embeddings(registry: ModelRegistry) -> dict:
+    """/sdapi/v1/embeddings: the --embeddings-dir files as A1111 lists them for the current model ({"loaded":
+    {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}}, "skipped": {...}: widths that do not fit})."""
+    if registry.embeddings_dir is None:
+        return {"loaded": {}, "skipped": {}}
+    from ..embeddings import list_embeddings
+
+    return list_embeddings(registry.pipeline()[0])
 
 
 def available_loras(lora_dir: Path | None) -> list[dict]:

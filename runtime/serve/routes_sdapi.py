@@ -1,7 +1,7 @@
 """/sdapi/v1 routes: thin adapters from A1111's API to the plan builder, the service and the registry.
 
 Reference: A1111 modules/api/api.py (routes, methods, response shapes). Lists of things this runtime does not
-have (VAEs, upscalers, styles, embeddings, scripts) are answered empty, as A1111 answers with none installed.
+have (VAEs, upscalers, styles, scripts) are answered empty, as A1111 answers with none installed.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .a1111_plan import build_plan
 from .a1111_run import echoed_parameters, info_json, run_plan
 from .http_jobs import note, run_job
 from .payload_images import b64, decode_image
-from .registry import available_loras
+from .registry import available_embeddings, available_loras
 
 EMPTY_LISTS = ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "hypernetworks", "face-restorers",
                "realesrgan-models", "extensions", "script-info")
@@ -89,7 +89,7 @@ def sdapi_router(service, options, settings, version: str) -> APIRouter:
 
     @router.get("/embeddings")
     def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        return available_embeddings(registry)
 
     for name in EMPTY_LISTS:
         router.add_api_route(f"/{name}", lambda: [], methods=["GET"], name=name)

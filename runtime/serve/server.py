@@ -35,7 +35,8 @@ def build(settings, batcher=None):
     from .registry import ModelRegistry
     from .service import GenerationService
 
-    registry = ModelRegistry(settings.model, settings.provider, settings.threads, settings.verify, settings.lora_dir)
+    registry = ModelRegistry(settings.model, settings.provider, settings.threads, settings.verify, settings.lora_dir,
+                             settings.embeddings_dir)
     start = time.perf_counter()
     registry.pipeline()
     log.info("loaded %s in %.1fs (%d model%s offered)", registry.current.title, time.perf_counter() - start,

@@ -29,6 +29,7 @@ class ServeSettings:
     max_batch: int = 1                            # images merged into one pipeline run (runtime.serve.batching)
     batch_wait_ms: int = 10                       # how long a run waits for compatible requests to join it
     lora_dir: Path | None = None                  # LoRA files for <lora:name:w> prompt tags and /sdapi/v1/loras
+    embeddings_dir: Path | None = None            # textual-inversion files prompts name; /sdapi/v1/embeddings
 
     def __post_init__(self):
         for name, low in (("queue", 0), ("workers", 1), ("threads", 0), ("port", 0), ("max_batch", 1),
@@ -38,8 +39,9 @@ class ServeSettings:
                 raise UserError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
         if self.port > 65535:
             raise UserError(f"--port must be in [0, 65535], got {self.port}")
-        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
-            raise UserError(f"--lora-dir {self.lora_dir}: no such folder")
+        for option, folder in (("--lora-dir", self.lora_dir), ("--embeddings-dir", self.embeddings_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                raise UserError(f"{option} {folder}: no such folder")
 
     @property
     def loopback(self) -> bool:
