@@ -85,11 +85,15 @@ class Manifest:
     def check_shape(self, batch: int, height: int, width: int) -> None:
         """Refuse a request outside the exported shape ranges, before any graph runs."""
         for axis, value in (("batch", batch), ("height", height), ("width", width)):
-            lo, _, hi = self.shape_ranges.get(axis, (1, 1, 1 << 30))
-            if not lo <= value <= hi:
-                raise ModelFolderError(
-                    f"{axis} {value} is outside this model's range [{lo}, {hi}] "
-                    f"(exported for target {self.target!r}; re-export with --shapes to widen it)")
+            self.check_axis(axis, value)
+
+    def check_axis(self, axis: str, value: int) -> None:
+        """Refuse one value outside its exported range ("batch", "height" or "width")."""
+        lo, _, hi = self.shape_ranges.get(axis, (1, 1, 1 << 30))
+        if not lo <= value <= hi:
+            raise ModelFolderError(
+                f"{axis} {value} is outside this model's range [{lo}, {hi}] "
+                f"(exported for target {self.target!r}; re-export with --shapes to widen it)")
 
 
 def _graph_dict(g: GraphInfo) -> dict:

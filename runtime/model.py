@@ -127,7 +127,11 @@ class Model:
         return self._graphs[name]
 
     def check_size(self, height: int, width: int) -> None:
-        """Refuse image sizes the denoiser cannot take: positive multiples of its size multiple."""
+        """Refuse image sizes outside the exported range or that the denoiser cannot take (positive multiples of its
+        size multiple)."""
+        if self.manifest and height > 0 and width > 0:
+            self.manifest.check_axis("height", height)
+            self.manifest.check_axis("width", width)
         m = self.facts.size_multiple
         if height <= 0 or width <= 0 or height % m or width % m:
             raise UserError(f"width and height must be positive multiples of {m} for this model, got {width}x{height}")
