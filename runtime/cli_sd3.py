@@ -38,9 +38,7 @@ def sd3_run_options(values: dict, folder, valid_text) -> dict:
     given += ["max_sequence_length"] if values.get("max_sequence_length") is not None else []
     if not given:
         return {}
-    from .model import denoiser_name
-
-    if Path(folder).is_dir() and denoiser_name(Path(folder)) != "transformer":
+    if Path(folder).is_dir() and not _is_sd3(folder):
         raise UserError(f"{', '.join(_flag(n) for n in given)} apply to SD3 models (a transformer/ graph); "
                         f"{folder} is not one")
     from .sd3_conditioning import T5_LENGTH, SD3Prompts
@@ -52,9 +50,13 @@ def sd3_run_options(values: dict, folder, valid_text) -> dict:
 
 def family_defaults(model, steps, guidance) -> tuple:
     """Steps and guidance not given: ours for SD 1.x/2.x/SDXL, diffusers' StableDiffusion3Pipeline's for SD3."""
-    from .model import denoiser_name
-
-    sd3 = Path(model).is_dir() and denoiser_name(Path(model)) == "transformer"
-    family = SD3_DEFAULTS if sd3 else {"num_inference_steps": CLI_STEPS, "guidance_scale": DEFAULTS["guidance_scale"]}
+    family = SD3_DEFAULTS if _is_sd3(model) else {"num_inference_steps": CLI_STEPS, "guidance_scale": DEFAULTS["guidance_scale"]}
     return (family["num_inference_steps"] if steps is None else steps,
             family["guidance_scale"] if guidance is None else guidance)
+
+
+def _is_sd3(folder) -> bool:
+    """Whether a model folder is an SD3 export (a transformer/ graph, runtime.sd3_pipeline)."""
+    from .model import denoiser_name
+
+    return Path(folder).is_dir() and denoiser_name(Path(folder)) == "transformer"

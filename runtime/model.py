@@ -120,11 +120,18 @@ class Model:
         if name not in self._graphs:
             if not self.has(name):
                 raise ModelFolderError(f"{self.folder}: no {name}/model.onnx (needed for this request)")
-            info = self.manifest.graphs.get(name) if self.manifest else None
-            path = self.folder / name / "model.onnx"
-            self._graphs[name] = Graph(lambda dims: make_session(path, self.session_config, info, self.target, dims),
-                                       name, self.session_config)
+            self._graphs[name] = self.graph_with(name, None)
         return self._graphs[name]
+
+    def graph_with(self, name: str, initializers: dict | None) -> Graph:
+        """A new Graph of one of the folder's graphs whose sessions replace `initializers` (name -> array: merged
+        LoRA weights, an extended token table); `graph.initializers` keeps them for later overrides."""
+        info = self.manifest.graphs.get(name) if self.manifest else None
+        path = self.folder / name / "model.onnx"
+        graph = Graph(lambda dims: make_session(path, self.session_config, info, self.target, dims, initializers),
+                      name, self.session_config)
+        graph.initializers = initializers
+        return graph
 
     def check_size(self, height: int, width: int) -> None:
         """Refuse image sizes outside the exported range or that the denoiser cannot take (positive multiples of its

@@ -93,9 +93,9 @@ def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target:
             f"{path.parent.name} was built for target {target!r} ({info.provider}; needs "
             f"{', '.join(info.custom_ops[:4])}), which {', '.join(cfg.providers)} cannot run; "
             f"re-export with --target for this machine or pick --provider {_provider_key(info.provider)}")
-    options = [cfg.provider_options.get(p, {}) | (info.provider_options if info and p == info.provider else {})
-               for p in cfg.providers]            # the folder's options, then this graph's own (TensorRT shapes)
-    options = [engine_cache_options(o, initializers) for o in options]
+    options = [engine_cache_options(cfg.provider_options.get(p, {})     # the folder's, then this graph's own
+                                    | (info.provider_options if info and p == info.provider else {}), initializers)
+               for p in cfg.providers]
     try:
         # onnxruntime's NCHWc layout pass reads Conv weights from the graph file, ignoring overrides: skip it then
         layout = {"disabled_optimizers": ["NchwcTransformer"]} if any(v.ndim == 4 for v in

@@ -101,8 +101,8 @@ def quantize_static_qdq(src: Path, dst: Path, feeds: list, s: Int8Settings) -> N
     typed = _with_types(src)
     try:
         quantize_static(str(typed), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(s.op_types), per_channel=s.per_channel, reduce_range=s.reduce_range,
-                    activation_type=types[s.activation_type], weight_type=types[s.weight_type],
+                        op_types_to_quantize=list(s.op_types), per_channel=s.per_channel, reduce_range=s.reduce_range,
+                        activation_type=types[s.activation_type], weight_type=types[s.weight_type],
                         calibrate_method=CalibrationMethod.MinMax,
                         use_external_data_format=(src.parent / DATA_FILE).exists(),
                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True,

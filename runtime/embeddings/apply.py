@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import UserError
-from ..session import Graph, make_session
+from ..session import Graph
 from .catalog import Catalog, build_catalog
 from .files import Embedding, folder_stamp, read_embedding
 
@@ -40,10 +40,6 @@ class TextualInversion:
     def unload(self) -> None:
         """Forget the embeddings given to load."""
         self.loaded, self.version = (), self.version + 1
-
-    def active(self, folder) -> bool:
-        """Whether any embedding may apply (some loaded, or a folder given)."""
-        return bool(self.loaded) or folder is not None
 
     def catalog(self, model, folder) -> Catalog:
         """What the model can use of the loaded embeddings and the folder's files as they are now."""
@@ -90,9 +86,4 @@ def _extended_graph(model, table, rows: np.ndarray) -> Graph:
     matrix = table.read(model) if matrix is None else matrix                           # (V, D)
     initializers[table.initializer] = np.ascontiguousarray(
         np.concatenate([matrix, rows.astype(matrix.dtype)]))                           # (V + N, D)
-    info = model.manifest.graphs.get(table.encoder) if model.manifest else None
-    path = model.folder / table.encoder / "model.onnx"
-    graph = Graph(lambda dims: make_session(path, model.session_config, info, model.target, dims, initializers),
-                  table.encoder, model.session_config)
-    graph.initializers = initializers
-    return graph
+    return model.graph_with(table.encoder, initializers)

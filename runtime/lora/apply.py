@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ..errors import ModelFolderError, UserError
 from ..layout import TEXT_ENCODERS
-from ..session import Graph, make_session
 from .formats import load_lora
 from .keys import resolve
 from .library import check_scale, component_scale, find_lora
@@ -78,19 +77,9 @@ class LoraCache:
         for graph in maps:                                  # unet updates reach unet_controlled too (ControlNet)
             items = updates.get(graph if graph in COMPONENTS else graph.split("_")[0], [])
             if items:
-                overlay[graph] = self._graph(graph, merged_initializers(maps[graph], items))
+                overlay[graph] = self.model.graph_with(graph, merged_initializers(maps[graph], items))
                 size += _graph_bytes(self.model.folder / graph)
         return overlay, size
-
-    def _graph(self, component: str, initializers: dict) -> Graph:
-        """A Graph of one component whose sessions use the merged initializers."""
-        m = self.model
-        info = m.manifest.graphs.get(component)
-        path = m.folder / component / "model.onnx"
-        graph = Graph(lambda dims: make_session(path, m.session_config, info, m.target, dims, initializers),
-                      component, m.session_config)
-        graph.initializers = initializers              # textual-inversion embeddings extend these (runtime.embeddings)
-        return graph
 
     def _evict(self) -> None:
         """Drop least recently used sets beyond the count or byte bound (the newest always stays)."""
