@@ -15,24 +15,26 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.manifest import MANIFEST_NAME
+
 from .unet_variants import diff, inputs, timed_calls
 
 RESULTS = Path(__file__).parent / "results"
-LINKED = ("text_encoder", "vae_decoder", "vae_encoder", "tokenizer", "scheduler", "model_index.json")
 
 
-def variant_folder(src: Path, dest: Path) -> Path:
-    """dest: src's other components linked, its unet/ a copy of the graph file (weights linked), no manifest."""
+def variant_folder(src: Path, dest: Path, component: str = "unet") -> Path:
+    """dest: src's other entries linked, `component`/ a copy of its graph file (weights linked), no manifest
+    (the copy's graph changes, so the source's hashes would not hold)."""
     shutil.rmtree(dest, ignore_errors=True)
-    (dest / "unet").mkdir(parents=True)
-    for name in LINKED:
-        if (src / name).exists():
-            os.symlink((src / name).resolve(), dest / name)
-    for f in (src / "unet").iterdir():
+    (dest / component).mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name not in (component, MANIFEST_NAME):
+            os.symlink(entry.resolve(), dest / entry.name)
+    for f in (src / component).iterdir():
         if f.name == "model.onnx" or f.name == "config.json":
-            shutil.copy2(f, dest / "unet" / f.name)
+            shutil.copy2(f, dest / component / f.name)
         elif f.is_file():
-            os.symlink(f.resolve(), dest / "unet" / f.name)
+            os.symlink(f.resolve(), dest / component / f.name)
     return dest
 
 
