@@ -182,7 +182,7 @@ def open_model(folder: Path, provider: str = "auto", threads: int = 0, verify: b
         enable_cpu_mem_arena=bool(session.get("enable_cpu_mem_arena", True)),
         io_binding=bool(session.get("io_binding", False)) and io_binding,
         fixed_dims=bool(session.get("free_dimension_overrides", False)) and providers[0] != OPENVINO or cuda_graph,
-        fixed_buffers=cuda_graph)
+        fixed_buffers=cuda_graph, graph_cache=str(session.get("graph_cache", "")))
     try:
         tokenizers = {t: ClipTokenizer.from_folder(folder / t) for _, t in encoders}
         if (folder / T5_ENCODER[0] / "model.onnx").is_file():

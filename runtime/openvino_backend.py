@@ -6,8 +6,6 @@ a graph runs on the `openvino` provider; needs `pip install "sdexport[openvino]"
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import time
 import warnings
@@ -18,11 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelFolderError, UserError
+from .graph_cache import cache_location
 from .session import OPENVINO as PROVIDER
 READS = (PROVIDER, "CPUExecutionProvider")   # graphs whose contrib ops OpenVINO's ONNX frontend converts
 INSTALL = '--provider openvino needs the openvino runtime: pip install "sdexport[openvino]"'
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}    # --precision -> INFERENCE_PRECISION_HINT
-OWN_KEYS = ("device", "cache_dir", "compiled_shapes")           # provider options we read; the rest go to OpenVINO
+OWN_KEYS = ("device", "cache_dir", "compiled_shapes", "f32_graphs")   # provider options we read; the rest go to OpenVINO
+# Graphs compiled at f32 whatever the hint: OpenVINO 2026.4's bf16 CLIP text encoder returns NaN for batches of
+# two or more prompts (measured on AMX; one prompt is fine), and the text encoders cost ~1% of a generation.
+F32_GRAPHS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _WARNED = set()                     # (device, precision) pairs already warned about in this process
 _ORT_NAMES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)",
               np.dtype(np.int64): "tensor(int64)", np.dtype(np.int32): "tensor(int32)",
@@ -60,18 +62,6 @@ def _port(node, position: int) -> _Port:
     return _Port(node.get_any_name(), dims, _ORT_NAMES.get(node.get_element_type().to_dtype(), "unknown"))
 
 
-def cache_location(folder: Path, wanted: str) -> str:
-    """CACHE_DIR: `wanted` inside the model folder when writable, else under the user cache; '' disables."""
-    if not wanted:
-        return ""
-    if os.access(folder, os.W_OK):
-        return str(folder / wanted)
-    base = os.environ.get("SDEXPORT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdexport")
-    tag = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
-    return os.path.join(base, "openvino", f"{folder.name}-{tag}")
-
-
 def compile_config(options: dict, threads: int, folder: Path) -> dict:
     """OpenVINO properties for compile_model from the profile's provider options, --threads and --precision."""
     config = {k: v for k, v in options.items() if k not in OWN_KEYS and v not in ("", None)}
@@ -80,7 +70,7 @@ def compile_config(options: dict, threads: int, folder: Path) -> dict:
         config["INFERENCE_PRECISION_HINT"] = PRECISIONS.get(hint, hint)
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    cache = cache_location(folder, options.get("cache_dir", "ov_cache"))
+    cache = cache_location(folder, options.get("cache_dir", "ov_cache"), "openvino")
     if cache:
         config["CACHE_DIR"] = cache
     return {k: str(v) if not isinstance(v, str) else v for k, v in config.items()}
@@ -106,6 +96,8 @@ class OpenVINOSession:
         self.core = ov.Core()
         self.device = str(options.get("device", "CPU"))
         self.config = compile_config(options, threads, path.parent.parent)
+        if path.parent.name in options.get("f32_graphs", F32_GRAPHS):
+            self.config["INFERENCE_PRECISION_HINT"] = "f32"
         self.capacity = max(1, int(options.get("compiled_shapes", 2)))
         try:
             self.model = self.core.read_model(str(path))

@@ -35,6 +35,7 @@ class SessionConfig:
     io_binding: bool = False          # bind inputs/outputs explicitly; constant inputs stay on the device
     fixed_dims: bool = False          # pin symbolic dims per request shape (DirectML free-dimension overrides)
     fixed_buffers: bool = False       # inputs/outputs at fixed device addresses per shape (CUDA graph replay)
+    graph_cache: str = ""             # CPU only: folder name for fully optimised graphs (runtime.graph_cache)
 
     @property
     def device(self) -> str:
@@ -96,18 +97,53 @@ def make_session(path: Path, cfg: SessionConfig, info: GraphInfo | None, target:
     options = [engine_cache_options(cfg.provider_options.get(p, {})     # the folder's, then this graph's own
                                     | (info.provider_options if info and p == info.provider else {}), initializers)
                for p in cfg.providers]
+    # onnxruntime's NCHWc layout pass reads Conv weights from the graph file, ignoring overrides: skip it then
+    layout = {"disabled_optimizers": ["NchwcTransformer"]} if any(v.ndim == 4 for v in
+                                                                  (initializers or {}).values()) else {}
     try:
-        # onnxruntime's NCHWc layout pass reads Conv weights from the graph file, ignoring overrides: skip it then
-        layout = {"disabled_optimizers": ["NchwcTransformer"]} if any(v.ndim == 4 for v in
-                                                                      (initializers or {}).values()) else {}
-        session = ort.InferenceSession(str(path), opts, providers=list(cfg.providers), provider_options=options,
-                                       **layout)
+        session = _load(path, opts, cfg, options, layout, _cache_entry(path, cfg, dims, initializers))
         session.initializer_overrides = overrides
         return session
     except Exception as e:  # onnxruntime raises its own exception types; all mean "cannot load this graph"
         msg = str(e).splitlines()[0][:300]
         hint = f" (built for target {target!r})" if "NOT_IMPLEMENTED" in str(e) or "kernel" in str(e) else ""
         raise ModelFolderError(f"cannot load {path}{hint}: {msg}") from None
+
+
+def _cache_entry(path: Path, cfg: SessionConfig, dims: dict | None, initializers: dict | None):
+    """The optimised-graph cache entry for a CPU-only session without replaced initializers, else None."""
+    if not cfg.graph_cache or initializers or cfg.providers != ("CPUExecutionProvider",):
+        return None
+    from . import graph_cache
+    try:
+        return graph_cache.entry(path, cfg.graph_cache, cfg.level, dims)
+    except OSError:
+        return None
+
+
+def _load(path: Path, opts, cfg: SessionConfig, options: list, layout: dict, cached):
+    """The session: from the cached optimised graph when there is one, else from the graph (saving it)."""
+    if cached is not None and cached.ready:
+        opts.graph_optimization_level = LEVELS["disabled"]      # its transformations are in the file already
+        try:
+            session = ort.InferenceSession(str(cached.model), opts, providers=list(cfg.providers),
+                                           provider_options=options)
+            session.graph_cache = "hit"
+            return session
+        except Exception:  # a damaged or foreign entry: rebuild it from the graph
+            cached.drop()
+            opts.graph_optimization_level = LEVELS[cfg.level]
+    try:
+        staging = cached.staging() if cached is not None else None
+    except OSError:           # an unwritable cache: build without saving
+        staging = None
+    if staging is not None:
+        from .graph_cache import save_options
+        save_options(opts, staging)
+    session = ort.InferenceSession(str(path), opts, providers=list(cfg.providers), provider_options=options,
+                                   **layout)
+    session.graph_cache = "stored" if staging is not None and cached.commit(staging) else "off"
+    return session
 
 
 def engine_cache_options(options: dict, initializers: dict | None) -> dict:

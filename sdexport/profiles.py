@@ -23,7 +23,7 @@ PROVIDER_OPTIONS = Path(__file__).parent / "data" / "provider_options.json"
 SESSION_KEYS = {    # [session]: what the runtime reads into onnxruntime SessionOptions, with the allowed values
     "intra_op_num_threads": int, "inter_op_num_threads": int, "execution_mode": ("sequential", "parallel"),
     "graph_optimization_level": LEVELS, "enable_mem_pattern": bool,
-    "enable_cpu_mem_arena": bool}
+    "enable_cpu_mem_arena": bool, "graph_cache": str}
 
 
 @dataclass(frozen=True)

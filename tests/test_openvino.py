@@ -81,13 +81,13 @@ def test_one_compiled_model_per_shape_least_recently_used_dropped(cpu_copy):
 
 
 def test_cache_goes_to_the_user_cache_when_the_folder_is_read_only(cpu_copy, monkeypatch, tmp_path):
-    from runtime import openvino_backend
+    from runtime import graph_cache, openvino_backend
 
     monkeypatch.setenv("SDEXPORT_CACHE", str(tmp_path))
-    monkeypatch.setattr(openvino_backend.os, "access", lambda path, mode: False)
-    where = openvino_backend.cache_location(cpu_copy, "ov_cache")
+    monkeypatch.setattr(graph_cache.os, "access", lambda path, mode: False)
+    where = openvino_backend.cache_location(cpu_copy, "ov_cache", "openvino")
     assert where.startswith(str(tmp_path / "openvino" / "tiny-cpu-"))
-    assert openvino_backend.cache_location(cpu_copy, "") == ""                # cache_dir = "" switches it off
+    assert openvino_backend.cache_location(cpu_copy, "", "openvino") == ""                # cache_dir = "" switches it off
 
 
 def test_threads_and_precision_reach_openvino(cpu_copy):
@@ -106,6 +106,17 @@ def test_bf16_runs_where_the_cpu_has_it_and_warns_where_not(cpu_copy, ort_image)
         image = pipe(**CALL).images
     assert pipe.model.graph("unet").session.precision == ("bf16" if has_bf16 else "f32")
     assert metrics.psnr(ort_image, image, peak=1.0) >= 30.0
+
+
+def test_text_encoders_run_f32_so_a_batch_of_prompts_stays_finite(cpu_copy):
+    model = open_model(cpu_copy, provider="openvino", precision="bf16")
+    ids = np.full((2, 77), 49407, np.int64)
+    ids[:, 0], ids[0, 1:5], ids[1, 1:9] = 49406, 320, 1125          # two prompts of different lengths
+    out = model.graph("text_encoder")(input_ids=ids)["last_hidden_state"]
+    assert np.isfinite(out).all()
+    assert model.graph("text_encoder").session.precision == "f32"
+    alone = model.graph("text_encoder")(input_ids=ids[1:])["last_hidden_state"]
+    assert np.abs(out[1:] - alone).max() < 1e-5                          # batch rows do not mix
 
 
 class _no_warning:
