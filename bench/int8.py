@@ -23,18 +23,16 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def variant_folder(src: Path, dest: Path, component: str = "unet") -> Path:
-    """dest: src's other entries linked, `component`/ a copy of its graph file (weights linked), no manifest
-    (the copy's graph changes, so the source's hashes would not hold)."""
+    """dest: src's other entries linked, a copy of `component`/, no manifest (the copy's graph changes, so the
+    source's hashes would not hold)."""
     shutil.rmtree(dest, ignore_errors=True)
     (dest / component).mkdir(parents=True)
     for entry in src.iterdir():
         if entry.name not in (component, MANIFEST_NAME):
             os.symlink(entry.resolve(), dest / entry.name)
-    for f in (src / component).iterdir():
-        if f.name == "model.onnx" or f.name == "config.json":
+    for f in (src / component).iterdir():     # copies: onnx refuses external data behind a link of either kind
+        if f.is_file():
             shutil.copy2(f, dest / component / f.name)
-        elif f.is_file():
-            os.symlink(f.resolve(), dest / component / f.name)
     return dest
 
 

@@ -34,13 +34,14 @@ def child_runtime(job: dict) -> dict:
     import runtime.model as model_module
     from runtime.pipeline import StableDiffusionPipeline
     out = {"import_s": time.perf_counter() - t0}
-    created = {}
+    created, cache_use = {}, {}
     make = model_module.make_session
 
     def timed_make(path, *args, **kwargs):
         t = time.perf_counter()
         session = make(path, *args, **kwargs)
         created[path.parent.name] = created.get(path.parent.name, 0.0) + time.perf_counter() - t
+        cache_use[path.parent.name] = getattr(session, "graph_cache", None)      # hit / stored / off
         return session
     model_module.make_session = timed_make
     t = time.perf_counter()
@@ -62,7 +63,8 @@ def child_runtime(job: dict) -> dict:
     end = time.perf_counter()
     _compile_times(model, created)
     out |= {"call_s": end - t, "encode_denoise_s": marks[0][1] - t, "decode_s": end - marks[0][1],
-            "peak_denoise_mb": marks[0][2], "peak_mb": _peak_mb(), "session_create_s": created}
+            "peak_denoise_mb": marks[0][2], "peak_mb": _peak_mb(), "session_create_s": created,
+            "graph_cache": cache_use}
     return out | {"image": _save(image, job)}
 
 
@@ -115,6 +117,9 @@ def _save(image, job: dict) -> str:
 def run_variant(name: str, job: dict, work: Path) -> dict:
     """One variant in a fresh interpreter; its measurements plus the whole process's wall time."""
     job = job | {"name": name, "work": str(work)}
+    if job.get("graph_cache") == "cold":
+        import shutil
+        shutil.rmtree(Path(job["folder"]) / "ort_cache", ignore_errors=True)
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "bench.oneshot", "--child", json.dumps(job)], capture_output=True,
                        text=True)
@@ -133,6 +138,11 @@ def variants(args) -> list[tuple[str, dict]]:
     for name, one_shot in (("runtime-ort (sessions kept)", False), ("runtime-ort one-shot", True)):
         out.append((name, base | {"kind": "runtime", "folder": str(args.cpu_folder), "provider": "cpu",
                                   "one_shot": one_shot}))
+    if args.graph_cache:         # the folder's optimised-graph cache emptied, then filled by the first process
+        for name, state in (("runtime-ort one-shot, graph cache empty", "cold"),
+                            ("runtime-ort one-shot, graph cache filled", "warm")):
+            out.append((name, base | {"kind": "runtime", "folder": str(args.cpu_folder), "provider": "cpu",
+                                      "one_shot": True, "graph_cache": state}))
     if args.openvino_folder:
         out.append(("runtime-openvino one-shot", base | {"kind": "runtime", "folder": str(args.openvino_folder),
                                                          "provider": "openvino", "one_shot": True}))
@@ -146,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-folder", type=Path)
     p.add_argument("--openvino-folder", type=Path)
     p.add_argument("--diffusers", type=Path, help="the same model as a diffusers folder (the reference)")
+    p.add_argument("--graph-cache", action="store_true",
+                   help="also time one-shot processes with the folder's optimised-graph cache empty, then filled "
+                        "(the folder's profile must set session.graph_cache)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "oneshot.json")

@@ -8,6 +8,7 @@ u8 x s8 saturation note (reduce_range) in onnxruntime's quantization docs for x8
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -118,7 +119,13 @@ def _with_types(src: Path) -> Path:
     import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    model = SymbolicShapeInference.infer_shapes(onnx.load(str(src), load_external_data=False), auto_merge=True)
+    graph = onnx.load(str(src), load_external_data=False)
+    here = os.getcwd()
+    os.chdir(src.parent)       # it reads constant initializers from the external data file relative to the cwd
+    try:
+        model = SymbolicShapeInference.infer_shapes(graph, auto_merge=True)
+    finally:
+        os.chdir(here)
     typed = src.with_name("model.typed.onnx")
     onnx.save_model(model, str(typed))
     return typed
