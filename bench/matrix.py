@@ -96,7 +96,15 @@ def cell(kind: str, args: tuple) -> dict:
         r = torch_cell(*args) if kind == "torch" else runtime_cell(*args)
     except Exception as e:  # a cell that cannot run is recorded with its reason, the others go on
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    return r | {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    return r | {"peak_rss_gb": _peak_gb()}
+
+
+def _peak_gb() -> float:
+    """This process image's peak RSS (VmHWM; getrusage's ru_maxrss would carry the parent's over from fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def plan(a) -> list:

@@ -99,8 +99,9 @@ class OpenVINOSession:
         if path.parent.name in options.get("f32_graphs", F32_GRAPHS):
             self.config["INFERENCE_PRECISION_HINT"] = "f32"
         self.capacity = max(1, int(options.get("compiled_shapes", 2)))
+        self.path = path
         try:
-            self.model = self.core.read_model(str(path))
+            self.model = self.core.read_model(str(path))   # dropped once compiled (its weights: GBs), re-read per shape
         except RuntimeError as e:
             raise refuse_unreadable(path, info, target, e) from None
         self.inputs = [_port(n, i) for i, n in enumerate(self.model.inputs)]
@@ -134,13 +135,15 @@ class OpenVINOSession:
         if key in self.compiled:
             self.compiled.move_to_end(key)
             return self.compiled[key][1]
-        self.model.reshape({p.name: list(shape) for p, shape in zip(self.inputs, key)})   # static shape
         start = time.perf_counter()
+        model, self.model = self.model or self.core.read_model(str(self.path)), None
+        model.reshape({p.name: list(shape) for p, shape in zip(self.inputs, key)})   # static shape
         try:
-            compiled = self.core.compile_model(self.model, self.device, self.config)
+            compiled = self.core.compile_model(model, self.device, self.config)
         except RuntimeError as e:
             raise ModelFolderError(f"{self.name}: OpenVINO cannot compile it on {self.device} ({_last_line(e)})"
                                    ) from None
+        del model              # the compiled model holds what it needs; peak RSS no longer counts the read copy
         self.compile_s += time.perf_counter() - start
         self._check_precision(compiled)
         self.compiled[key] = (compiled, compiled.create_infer_request())
@@ -172,7 +175,7 @@ class OpenVINOSession:
         return [by_name[n] for n in output_names]
 
     def release(self) -> None:
-        """Free the compiled models (the read model stays, so the graph can compile again)."""
+        """Free the compiled models (the graph file is read again if it is needed after this)."""
         with self.lock:
             self.compiled.clear()
 
