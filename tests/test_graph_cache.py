@@ -17,7 +17,7 @@ CALL = dict(prompt="a lighthouse at dusk", num_inference_steps=2, seed=3, output
 @pytest.fixture
 def folder(tiny_export, tmp_path):
     """A private copy of the cpu export (the cache is written into it)."""
-    return shutil.copytree(tiny_export[0], tmp_path / "tiny-cpu")
+    return shutil.copytree(tiny_export[0], tmp_path / "tiny-cpu", ignore=shutil.ignore_patterns("*_cache"))
 
 
 def _run(folder):

@@ -65,8 +65,10 @@ def test_openvino_target_export(ov_export, ort_image):
         assert g["provider"] == OPENVINO and g["custom_ops"] == [], name     # plain ONNX: OpenVINO fuses itself
     pipe = StableDiffusionPipeline.from_pretrained(ov_export)              # auto picks the openvino runtime
     assert pipe.model.session_config.backend == "openvino"
-    image = pipe(**CALL).images
-    assert metrics.max_abs(ort_image, image) <= TOLERANCE                  # same weights, same noise
+    image = pipe(**CALL).images                  # OpenVINO's own precision: bf16 on AVX512_BF16/AMX CPUs
+    assert metrics.psnr(ort_image, image, peak=1.0) >= 30.0
+    exact = _ov_pipe(ov_export, precision="fp32")(**CALL).images
+    assert metrics.max_abs(ort_image, exact) <= TOLERANCE                  # same weights, same noise, f32 hint
     on_ort = StableDiffusionPipeline.from_pretrained(ov_export, provider="cpu")(**CALL).images
     assert metrics.max_abs(ort_image, on_ort) <= TOLERANCE                 # the folder also runs on onnxruntime
 

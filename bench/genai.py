@@ -1,0 +1,95 @@
+"""OpenVINO GenAI's torch-free Text2ImagePipeline on the same model, for comparison with our runtime's runs.
+
+`python -m bench.genai --folder OV_DIR --ours bench/results/cpu-backends-25/results.json [--steps 25]` runs
+GenAI (an optimum-intel export of the same diffusers folder: `optimum-cli export openvino --task text-to-image
+--weight-format fp32`) at OpenVINO's own precision choice and at the f32 hint, each in its own process: pipeline
+load, first image, a second image (steady), peak RSS. GenAI draws its own initial noise, so images are not
+compared; the ratios set its times against the runs recorded in `--ours` (same model, size, steps, guidance).
+Needs `openvino-genai` (not a dependency of this project).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT, NEGATIVE = "a lighthouse at dusk, oil painting", "blurry"
+
+
+def child(job: dict) -> dict:
+    """One GenAI pipeline in this process: load, first and second image."""
+    t0 = time.perf_counter()
+    import openvino_genai
+
+    config = {"INFERENCE_PRECISION_HINT": job["precision"]} if job["precision"] else {}
+    pipe = openvino_genai.Text2ImagePipeline(job["folder"], "CPU", **config)
+    load = time.perf_counter() - t0
+    times = []
+    for seed in (1, 2):
+        t = time.perf_counter()
+        pipe.generate(PROMPT, negative_prompt=NEGATIVE, width=job["size"], height=job["size"],
+                      num_inference_steps=job["steps"], guidance_scale=job["guidance"], rng_seed=seed)
+        times.append(time.perf_counter() - t)
+    peak = next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
+                if ln.startswith("VmHWM:")) / 2 ** 20
+    return {"load_s": load, "first_s": times[0], "steady_s": times[1], "peak_rss_gb": peak}
+
+
+def ours(path: Path) -> dict:
+    """{backend/variant: run} of our recorded runs (bench's results.json)."""
+    doc = json.loads(path.read_text())
+    return {f"{r['backend']}:{r['variant']}": r for r in doc["runs"] if r.get("status") == "ok"}
+
+
+def main(argv=None) -> int:
+    """Parent: one process per precision; child (--child JOB): measure."""
+    p = argparse.ArgumentParser(prog="python -m bench.genai", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child")
+    p.add_argument("--folder", type=Path)
+    p.add_argument("--ours", type=Path, required=False)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "genai.json")
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return 0
+    from .cpuinfo import cpu_info, describe
+
+    runs = {}
+    for name, precision in (("genai default", ""), ("genai f32", "f32")):
+        job = {"folder": str(a.folder), "precision": precision, "size": a.size, "steps": a.steps,
+               "guidance": a.guidance}
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "bench.genai", "--child", json.dumps(job)], capture_output=True,
+                           text=True)
+        runs[name] = (json.loads(r.stdout.strip().splitlines()[-1]) | {"process_s": time.perf_counter() - t}
+                      if r.returncode == 0 else {"error": (r.stderr.strip().splitlines() or ["?"])[-1]})
+        print(name, runs[name], flush=True)
+    mine = ours(a.ours) if a.ours else {}
+    pairs = {"genai default": "runtime-openvino:default", "genai f32": "runtime-openvino:fp32"}
+    for name, key in pairs.items():
+        if key in mine and "steady_s" in runs[name]:
+            m = mine[key]
+            runs[name]["ours"] = {"backend": key, "steady_s": m["steady_s"],
+                                  "load_first_s": m["session_create_s"] + m["first_run_s"]}
+            runs[name]["ours_speedup_steady"] = runs[name]["steady_s"] / m["steady_s"]
+            runs[name]["ours_speedup_load_first"] = ((runs[name]["load_s"] + runs[name]["first_s"])
+                                                     / (m["session_create_s"] + m["first_run_s"]))
+    if "runtime-ort:fp32" in mine and "steady_s" in runs["genai f32"]:
+        runs["genai f32"]["ours_onnxruntime_fp32_speedup_steady"] = (runs["genai f32"]["steady_s"]
+                                                                     / mine["runtime-ort:fp32"]["steady_s"])
+    doc = {"cpu": cpu_info(), "cpu_line": describe(cpu_info()), "size": a.size, "steps": a.steps,
+           "guidance": a.guidance, "ours_file": str(a.ours) if a.ours else None, "runs": runs}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
