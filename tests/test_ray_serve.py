@@ -222,10 +222,11 @@ def test_ray_serve_two_replicas_match_runtime_generate(tiny_export, tmp_path):
     url = f"http://127.0.0.1:{settings.port}"
     prompts = {"a lighthouse at dusk": [11, 12, 13, 14], "a red car": [21, 22, 23, 24]}
     jobs = [(p, s) for p, seeds in prompts.items() for s in seeds]
+    before = {p.pid for p in psutil.Process().children(recursive=True)}   # e.g. multiprocessing's resource tracker
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         ray_serve.deploy(settings, replicas=2)
-        started = [p.pid for p in psutil.Process().children(recursive=True)]
+        started = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
         assert {"raylet", "gcs_server"} <= {psutil.Process(p).name() for p in _alive(started)}
         body = {"steps": STEPS, "width": SIZE, "height": SIZE, "sampler_name": "Euler a", "cfg_scale": 7}
         with ThreadPoolExecutor(len(jobs)) as pool:
