@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from .watch import peak_rss_mb
+
 PROMPT, NEGATIVE = "a lighthouse at dusk, oil painting", "blurry"
 
 
@@ -33,9 +35,7 @@ def child(job: dict) -> dict:
         pipe.generate(PROMPT, negative_prompt=NEGATIVE, width=job["size"], height=job["size"],
                       num_inference_steps=job["steps"], guidance_scale=job["guidance"], rng_seed=seed)
         times.append(time.perf_counter() - t)
-    peak = next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
-                if ln.startswith("VmHWM:")) / 2 ** 20
-    return {"load_s": load, "first_s": times[0], "steady_s": times[1], "peak_rss_gb": peak}
+    return {"load_s": load, "first_s": times[0], "steady_s": times[1], "peak_rss_gb": peak_rss_mb() / 1024}
 
 
 def ours(path: Path) -> dict:
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     if "runtime-ort:fp32" in mine and "steady_s" in runs["genai f32"]:
         runs["genai f32"]["ours_onnxruntime_fp32_speedup_steady"] = (runs["genai f32"]["steady_s"]
                                                                      / mine["runtime-ort:fp32"]["steady_s"])
-    doc = {"cpu": cpu_info(), "cpu_line": describe(cpu_info()), "size": a.size, "steps": a.steps,
+    cpu = cpu_info()
+    doc = {"cpu": cpu, "cpu_line": describe(cpu), "size": a.size, "steps": a.steps,
            "guidance": a.guidance, "ours_file": str(a.ours) if a.ours else None, "runs": runs}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from .int8 import variant_folder
 from .unet_variants import diff, inputs, timed_calls
+from .watch import peak_rss_mb
 
 RESULTS = Path(__file__).parent / "results"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -96,15 +96,7 @@ def cell(kind: str, args: tuple) -> dict:
         r = torch_cell(*args) if kind == "torch" else runtime_cell(*args)
     except Exception as e:  # a cell that cannot run is recorded with its reason, the others go on
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    return r | {"peak_rss_gb": _peak_gb()}
-
-
-def _peak_gb() -> float:
-    """This process image's peak RSS (VmHWM; getrusage's ru_maxrss would carry the parent's over from fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return r | {"peak_rss_gb": peak_rss_mb() / 1024}
 
 
 def plan(a) -> list:
@@ -112,8 +104,8 @@ def plan(a) -> list:
     ov, src = str(a.openvino_folder or a.cpu_folder), str(a.source)
     rows = []
     for c in a.components:
-        rows += [(c, "torch", "fp32", "torch", (str(a.source), c, "fp32", a.repeats)),
-                 (c, "torch", "bf16", "torch", (str(a.source), c, "bf16", a.repeats)),
+        rows += [(c, "torch", "fp32", "torch", (src, c, "fp32", a.repeats)),
+                 (c, "torch", "bf16", "torch", (src, c, "bf16", a.repeats)),
                  (c, "torch", "int8", None, NO_TORCH_INT8),
                  (c, "onnxruntime", "fp32", "rt", (src, str(a.cpu_folder), c, "cpu", None, a.repeats)),
                  (c, "onnxruntime", "bf16", None, NO_ORT_BF16),

@@ -9,6 +9,19 @@ from pathlib import Path
 POLL_S = 0.05
 
 
+def peak_rss_mb() -> float:
+    """This process image's peak RSS (Linux VmHWM). getrusage's ru_maxrss can carry a large parent's resident set
+    over from fork into a child it spawned; VmHWM starts afresh at exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def watch(cmd: list, log: Path) -> tuple[int, float, float, float | None]:
     """Run a command with output to log; (exit code, peak RSS MB incl. children, wall s, peak GPU MB or None)."""
     import psutil

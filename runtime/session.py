@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import graph_cache
 from .errors import ModelFolderError, UserError
 from .manifest import GraphInfo
 
@@ -114,7 +115,6 @@ def _cache_entry(path: Path, cfg: SessionConfig, dims: dict | None, initializers
     """The optimised-graph cache entry for a CPU-only session without replaced initializers, else None."""
     if not cfg.graph_cache or initializers or cfg.providers != ("CPUExecutionProvider",):
         return None
-    from . import graph_cache
     try:
         return graph_cache.entry(path, cfg.graph_cache, cfg.level, dims)
     except OSError:
@@ -138,8 +138,7 @@ def _load(path: Path, opts, cfg: SessionConfig, options: list, layout: dict, cac
     except OSError:           # an unwritable cache: build without saving
         staging = None
     if staging is not None:
-        from .graph_cache import save_options
-        save_options(opts, staging)
+        graph_cache.save_options(opts, staging)
     session = ort.InferenceSession(str(path), opts, providers=list(cfg.providers), provider_options=options,
                                    **layout)
     session.graph_cache = "stored" if staging is not None and cached.commit(staging) else "off"

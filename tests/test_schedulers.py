@@ -154,9 +154,9 @@ def check(name, config, n, *, overrides=None, key=None, **kw):
     ref_t = ds.timesteps.numpy()
     # below t = 1 a sigma sits at the training table's floor; there DPM2 ancestral's midpoint comes from a float32
     # cancellation (sigma_down = sqrt(s1^2 - up^2)) whose last bits follow the CPU's exp/log kernels
-    floor = ref_t < 1
-    np.testing.assert_allclose(plan.timesteps[~floor], ref_t[~floor], rtol=1e-6, atol=2e-3)
-    np.testing.assert_allclose(plan.timesteps[floor], ref_t[floor], atol=2e-2)
+    at_floor = ref_t < 1
+    np.testing.assert_allclose(plan.timesteps[~at_floor], ref_t[~at_floor], rtol=1e-6, atol=2e-3)
+    np.testing.assert_allclose(plan.timesteps[at_floor], ref_t[at_floor], atol=2e-2)
     if getattr(ds, "sigmas", None) is not None and plan.sigmas is not None:
         theirs = ds.sigmas.numpy()[:len(plan.sigmas)]  # DPM2 pads two more zeros that no step reads
         np.testing.assert_allclose(plan.sigmas, theirs, rtol=2e-6, atol=1e-7)
