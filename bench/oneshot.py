@@ -34,7 +34,7 @@ def child_runtime(job: dict) -> dict:
     import runtime.model as model_module
     from runtime.pipeline import StableDiffusionPipeline
     out = {"import_s": time.perf_counter() - t0}
-    created, cache_use = {}, {}
+    created, cache_use, weights = {}, {}, {}
     make = model_module.make_session
 
     def timed_make(path, *args, **kwargs):
@@ -42,6 +42,7 @@ def child_runtime(job: dict) -> dict:
         session = make(path, *args, **kwargs)
         created[path.parent.name] = created.get(path.parent.name, 0.0) + time.perf_counter() - t
         cache_use[path.parent.name] = getattr(session, "graph_cache", None)      # hit / stored / off
+        weights[path.parent.name] = getattr(session, "weights", None)            # OpenVINO: f32 / bf16 kept
         return session
     model_module.make_session = timed_make
     t = time.perf_counter()
@@ -64,7 +65,7 @@ def child_runtime(job: dict) -> dict:
     _compile_times(model, created)
     out |= {"call_s": end - t, "encode_denoise_s": marks[0][1] - t, "decode_s": end - marks[0][1],
             "peak_denoise_mb": marks[0][2], "peak_mb": _peak_mb(), "session_create_s": created,
-            "graph_cache": cache_use}
+            "graph_cache": cache_use, "weights": weights}
     return out | {"image": _save(image, job)}
 
 
@@ -117,9 +118,10 @@ def _save(image, job: dict) -> str:
 def run_variant(name: str, job: dict, work: Path) -> dict:
     """One variant in a fresh interpreter; its measurements plus the whole process's wall time."""
     job = job | {"name": name, "work": str(work)}
-    if job.get("graph_cache") == "cold":
+    if job.get("graph_cache") == "cold":      # the engine's cache folder inside the model folder, emptied
         import shutil
-        shutil.rmtree(Path(job["folder"]) / "ort_cache", ignore_errors=True)
+        shutil.rmtree(Path(job["folder"]) / ("ov_cache" if job["provider"] == "openvino" else "ort_cache"),
+                      ignore_errors=True)
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "bench.oneshot", "--child", json.dumps(job)], capture_output=True,
                        text=True)
@@ -143,9 +145,12 @@ def variants(args) -> list[tuple[str, dict]]:
                             ("runtime-ort one-shot, graph cache filled", "warm")):
             out.append((name, base | {"kind": "runtime", "folder": str(args.cpu_folder), "provider": "cpu",
                                       "one_shot": True, "graph_cache": state}))
-    if args.openvino_folder:
-        out.append(("runtime-openvino one-shot", base | {"kind": "runtime", "folder": str(args.openvino_folder),
-                                                         "provider": "openvino", "one_shot": True}))
+    if args.openvino_folder:    # with --graph-cache: its cache (bf16 weights, CACHE_DIR blobs) emptied, then filled
+        states = (("empty", "cold"), ("filled", "warm")) if args.graph_cache else ((None, None),)
+        for label, state in states:
+            out.append((f"runtime-openvino one-shot{f', cache {label}' if label else ''}",
+                        base | {"kind": "runtime", "folder": str(args.openvino_folder), "provider": "openvino",
+                                "one_shot": True, "graph_cache": state}))
     return out
 
 
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--diffusers", type=Path, help="the same model as a diffusers folder (the reference)")
     p.add_argument("--graph-cache", action="store_true",
                    help="also time one-shot processes with the folder's optimised-graph cache empty, then filled "
-                        "(the folder's profile must set session.graph_cache)")
+                        "(the folder's profile must set session.graph_cache), and OpenVINO's cache likewise")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "oneshot.json")

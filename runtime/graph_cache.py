@@ -46,12 +46,13 @@ def _cpu_flags() -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One cached optimised graph: `folder/model.onnx` (+ its data) once written."""
+    """One cached graph: `folder/<file>` (+ its data) once written."""
     folder: Path
+    file: str = "model.onnx"
 
     @property
     def model(self) -> Path:
-        return self.folder / "model.onnx"
+        return self.folder / self.file
 
     @property
     def ready(self) -> bool:
@@ -67,7 +68,7 @@ class Entry:
     def commit(self, tmp: Path) -> bool:
         """Move a written staging folder into place; False (and nothing kept) when it is incomplete or taken."""
         try:
-            if not (tmp / "model.onnx").is_file():
+            if not (tmp / self.file).is_file():
                 return False
             (tmp / "done").write_text("")
             os.rename(tmp, self.folder)                # atomic; fails when another process got there first
@@ -82,6 +83,14 @@ class Entry:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def keyed(path: Path, where: str, key: list, file: str = "model.onnx") -> Entry:
+    """The entry under `where` for one graph file (its path, size and mtime, data file included) and `key`."""
+    files = [f for f in (path, path.with_name(DATA)) if f.is_file()]
+    identity = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    digest = hashlib.sha256(json.dumps([identity, *key]).encode()).hexdigest()[:16]
+    return Entry(Path(where) / f"{path.parent.name}-{digest}", file)
+
+
 def entry(path: Path, wanted: str, level: str, dims: dict | None) -> Entry | None:
     """The cache entry of one graph file at `level` with `dims` pinned, or None when caching is off."""
     import onnxruntime as ort
@@ -89,11 +98,7 @@ def entry(path: Path, wanted: str, level: str, dims: dict | None) -> Entry | Non
     where = cache_location(path.parent.parent, wanted, "onnxruntime")
     if not where or level == "disabled":
         return None
-    files = [f for f in (path, path.with_name(DATA)) if f.is_file()]
-    identity = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    key = json.dumps([identity, ort.__version__, _cpu_flags(), level, sorted((dims or {}).items())])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Entry(Path(where) / f"{path.parent.name}-{digest}")
+    return keyed(path, where, [ort.__version__, _cpu_flags(), level, sorted((dims or {}).items())])
 
 
 def save_options(opts, tmp: Path) -> None:

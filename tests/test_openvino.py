@@ -215,3 +215,63 @@ def test_bench_plans_the_openvino_and_bf16_backends():
     assert specs[("runtime-openvino", "fp32")].provider == "openvino" and not specs[("runtime-openvino", "fp32")].reason
     cpu = bench_cli.environment().cpu                       # model, SIMD flags and whether bf16 is native
     assert "; flags " in cpu and "bf16" in cpu
+
+
+def test_bf16_rounding_is_torchs():
+    torch = pytest.importorskip("torch")
+    from runtime.openvino_weights import to_bf16
+
+    values = np.concatenate([np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 10.0 ** k
+                             for k in range(-6, 4)] + [np.array([0.0, -0.0, 1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8,
+                                                                 65504.0, 3.0e38], np.float32)])
+    reference = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(to_bf16(values), reference)          # ties to even: 1 + 2^-8 -> 1, 1 + 3*2^-8 -> 1 + 2^-6
+
+
+def _unet_feeds():
+    rng = np.random.default_rng(3)
+    return {"sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32), "timestep": np.array(500, np.int64),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32)}
+
+
+@pytest.mark.skipif("BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+                    reason="this CPU has no native bf16, so OpenVINO runs f32 and reads the fp32 graph")
+def test_bf16_weights_are_stored_once_and_give_the_same_output(cpu_copy, tmp_path):
+    from runtime.openvino_backend import OpenVINOSession
+
+    folder = tmp_path / "m"
+    shutil.copytree(cpu_copy, folder, ignore=shutil.ignore_patterns("ov_cache", "ort_cache"))
+    path, feeds = folder / "unet" / "model.onnx", _unet_feeds()
+    types = {p.name: p.type for p in OpenVINOSession(path, {"cache_dir": ""}, 0).get_inputs()}
+    feeds["timestep"] = feeds["timestep"].astype(np.float32 if types["timestep"] == "tensor(float)" else np.int64)
+    plain = OpenVINOSession(path, {"cache_dir": ""}, 0)                 # no cache folder: the fp32 graph itself
+    assert plain.weights == "f32"
+    expected = plain.run(["out_sample"], feeds)[0]
+    stored = OpenVINOSession(path, {"cache_dir": "ov_cache"}, 0)
+    assert stored.weights == "bf16" and stored.source.suffix == ".xml"
+    assert stored.source.parent.parent == folder / "ov_cache" and (stored.source.parent / "done").is_file()
+    got = stored.run(["out_sample"], feeds)[0]
+    assert stored.precision == "bf16" and np.isfinite(got).all()
+    assert np.array_equal(got, expected)                # the plugin rounds f32 weights to bf16 the same way
+    again = OpenVINOSession(path, {"cache_dir": "ov_cache"}, 0)
+    assert again.source == stored.source and not list((folder / "ov_cache").glob("*.tmp-*"))
+    assert np.array_equal(again.run(["out_sample"], feeds)[0], expected)
+    assert OpenVINOSession(path, {"cache_dir": "ov_cache", "INFERENCE_PRECISION_HINT": "fp32"}, 0).weights == "f32"
+    assert OpenVINOSession(folder / "text_encoder" / "model.onnx", {"cache_dir": "ov_cache"}, 0).weights == "f32"
+
+
+@pytest.mark.skipif("BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+                    reason="this CPU has no native bf16, so no bf16 weights are stored")
+def test_a_damaged_bf16_entry_is_dropped_and_the_fp32_graph_read(cpu_copy, tmp_path):
+    from runtime.openvino_backend import OpenVINOSession
+
+    folder = tmp_path / "m"
+    shutil.copytree(cpu_copy, folder, ignore=shutil.ignore_patterns("ov_cache", "ort_cache"))
+    path = folder / "vae_decoder" / "model.onnx"
+    first = OpenVINOSession(path, {"cache_dir": "ov_cache"}, 0)
+    first.source.write_text("<net>not an IR")                                 # damaged after it was written
+    second = OpenVINOSession(path, {"cache_dir": "ov_cache"}, 0)
+    assert second.weights == "f32" and second.source == path and not first.source.parent.exists()
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert np.isfinite(second.run([second.get_outputs()[0].name], {"latent_sample": latents})[0]).all()
+    assert OpenVINOSession(path, {"cache_dir": "ov_cache"}, 0).weights == "bf16"     # rebuilt by the next one
