@@ -36,10 +36,20 @@ def runs_bf16(core, device: str, config: dict) -> bool:
     return hint == "bf16" and "BF16" in core.get_property(device, "OPTIMIZATION_CAPABILITIES")
 
 
-def to_bf16(values: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even (finite values)."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+def to_bf16(values: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even (finite values); in cache-sized chunks,
+    in place, since the UNet's 860M weights through whole-array temporaries take 13 s instead of under 4."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint32)
+    out = np.empty(bits.shape, np.uint16)
+    for start in range(0, bits.size, chunk):
+        part = bits[start:start + chunk]
+        rounded = part >> np.uint32(16)
+        rounded &= np.uint32(1)
+        rounded += np.uint32(0x7FFF)
+        rounded += part
+        rounded >>= np.uint32(16)
+        out[start:start + chunk] = rounded
+    return out.reshape(np.shape(values))
 
 
 def lowered(core, path: Path, where: str) -> Path | None:
