@@ -2,7 +2,9 @@
 pipeline activations): UNet call time (batch 2, 64x64 latents) and the final image's PSNR against fp32, one run.
 
 `python -m bench.int8 --cpu-folder DIR [--work DIR] [--steps 4] [--prompts 3] [--repeats 3]` quantises copies of
-DIR's UNet (DIR is left as it is) and writes bench/results/int8_static.json.
+DIR's UNet (DIR is left as it is) and writes bench/results/int8_static.json. With `--graph vae_decoder` it does the
+same for the VAE decoder (static QDQ only, calibrated on the pipeline's final latents; decoder call at 64x64
+latents, 512x512 pixels) and writes bench/results/int8_vae.json.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def build(src: Path, work: Path, profile, progress) -> dict:
     folders["int8 dynamic (MatMul)"] = dynamic
     static = variant_folder(src, work / "static")
     t = time.perf_counter()
-    installed, check = static_int8(static, profile, progress)
+    installed, check = static_int8(static, profile, progress)["unet"]
     folders["int8 static (QDQ Conv+MatMul)"] = static
     return {"folders": folders, "gate": check.to_dict() | {"installed": installed,
                                                             "calibrate_s": time.perf_counter() - t}}
@@ -80,8 +82,32 @@ def _finite(db: float):
     return None if db == float("inf") else db
 
 
+def decoder_time(folder: Path, repeats: int) -> dict:
+    """Session creation and the median VAE decoder call (1 x 4 x 64 x 64 latents) of the folder's graph."""
+    import numpy as np
+
+    from runtime.model import open_model
+
+    t = time.perf_counter()
+    graph = open_model(folder, provider="cpu", verify=False).graph("vae_decoder")
+    created = time.perf_counter() - t
+    latents = np.random.default_rng(0).standard_normal((1, 4, 64, 64), np.float32)
+    return timed_calls(lambda: graph(latent_sample=latents)["sample"], repeats) | {"session_s": created}
+
+
+def build_vae(src: Path, work: Path, profile, progress) -> dict:
+    """{variant: folder}: the fp32 decoder as exported and the static int8 one (with its gate's check)."""
+    from sdexport.quantize import static_int8
+
+    static = variant_folder(src, work / "static-vae", "vae_decoder")
+    t = time.perf_counter()
+    installed, check = static_int8(static, profile, progress)["vae_decoder"]
+    return {"folders": {"fp32": src, "int8 static (QDQ Conv+MatMul)": static},
+            "gate": check.to_dict() | {"installed": installed, "calibrate_s": time.perf_counter() - t}}
+
+
 def run(args) -> dict:
-    """Build the variants, then time each UNet and compare each image to fp32's."""
+    """Build the variants, then time each graph and compare each image to fp32's."""
     from sdexport.profiles import load_profile
     from runtime.metrics import max_abs, psnr
     from sdexport.quantize import int8_settings
@@ -90,24 +116,30 @@ def run(args) -> dict:
     from .oneshot_report import _versions
 
     base = load_profile("cpu")
-    s = dataclasses.replace(int8_settings(base), mode="static", steps=args.steps, size=args.size)
+    s = dataclasses.replace(int8_settings(base), mode="static", steps=args.steps, size=args.size,
+                            graphs=(args.graph,))
     prompts = list(s.calibration_prompts[:args.prompts])
-    profile = dataclasses.replace(base, int8=dataclasses.asdict(s) | {"calibration_prompts": prompts})
+    profile = dataclasses.replace(base, int8=dataclasses.asdict(s) | {"calibration_prompts": prompts,
+                                                                      "graphs": [args.graph]})
     s = int8_settings(profile)
-    built = build(args.cpu_folder, args.work, profile, lambda m: print(m, file=sys.stderr, flush=True))
+    vae = args.graph == "vae_decoder"
+    built = (build_vae if vae else build)(args.cpu_folder, args.work, profile,
+                                          lambda m: print(m, file=sys.stderr, flush=True))
+    timed = decoder_time if vae else unet_time
     rows, ref = {}, {}
     for name, folder in built["folders"].items():
         print(f"timing {name}", file=sys.stderr, flush=True)
-        t = unet_time(folder, args.repeats)
+        t = timed(folder, args.repeats)
         img = image(folder, s)
         ref = ref or {"out": t["output"], "image": img}
-        rows[name] = {"unet_call_s": t["call_s"], "first_call_s": t["first_s"], "session_s": t["session_s"],
-                      "unet_vs_fp32": diff(t["output"], ref["out"]), "image_psnr_db": _finite(psnr(ref["image"], img, 1.0)),
-                      "image_max_abs": max_abs(ref["image"], img)}
-    fp32 = rows["fp32"]["unet_call_s"]
+        rows[name] = {"call_s": t["call_s"], "first_call_s": t["first_s"], "session_s": t["session_s"],
+                      "output_vs_fp32": diff(t["output"], ref["out"]),
+                      "image_psnr_db": _finite(psnr(ref["image"], img, 1.0)), "image_max_abs": max_abs(ref["image"], img)}
+    fp32 = rows["fp32"]["call_s"]
     for r in rows.values():
-        r["speedup_vs_fp32"] = fp32 / r["unet_call_s"]
-    return {"cpu": cpu_info(), "versions": _versions(), "unet_inputs": "batch 2, 4x64x64 latents, 77 tokens",
+        r["speedup_vs_fp32"] = fp32 / r["call_s"]
+    return {"cpu": cpu_info(), "versions": _versions(), "graph": args.graph,
+            "inputs": "1x4x64x64 latents" if vae else "batch 2, 4x64x64 latents, 77 tokens",
             "image": f"{s.size}x{s.size}, {s.steps} steps, guidance {s.guidance_scale}, seed {s.seed}, "
                      f"prompt {s.gate_prompt!r} (not a calibration prompt)",
             "calibration": {"prompts": prompts, "steps": s.steps, "size": s.size}, "gate": built["gate"],
@@ -123,12 +155,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=3, help="calibration prompts (of Int8Settings')")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS / "int8_static.json")
+    p.add_argument("--graph", choices=("unet", "vae_decoder"), default="unet")
+    p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    args.out = args.out or RESULTS / ("int8_vae.json" if args.graph == "vae_decoder" else "int8_static.json")
     result = run(args)
     for name, r in result["variants"].items():
-        print(f"{name:32s} {r['unet_call_s']:6.2f} s/call ({r['speedup_vs_fp32']:.2f}x)  "
-              f"UNet max abs {r['unet_vs_fp32']['max_abs']:.3g}  image PSNR {r['image_psnr_db'] or float('inf'):.1f} dB")
+        print(f"{name:32s} {r['call_s']:6.2f} s/call ({r['speedup_vs_fp32']:.2f}x)  {args.graph} max abs "
+              f"{r['output_vs_fp32']['max_abs']:.3g}  image PSNR {r['image_psnr_db'] or float('inf'):.1f} dB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

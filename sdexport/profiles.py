@@ -258,7 +258,8 @@ def describe(profile: Profile) -> str:
                 if profile.fusion_enabled else ", fusions off")]
     for axis, r in profile.shapes.items():
         lines.append(f"  {axis:<11} min {r.min}, opt {r.opt}, max {r.max}")
-    mode = int8_settings(profile).mode
-    if mode != "off":
-        lines.append(f"  unet        int8 {mode} quantisation")
+    int8 = int8_settings(profile)
+    if int8.mode != "off":
+        graphs = ", ".join(int8.graphs) if int8.mode == "static" else "unet"
+        lines.append(f"  int8        {int8.mode} quantisation of {graphs}")
     return "\n".join(lines)

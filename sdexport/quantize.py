@@ -1,8 +1,9 @@
-"""int8 UNets for the CPU provider: dynamic (MatMul weights) and static QDQ (Conv + MatMul) calibrated on the
-activations of real pipeline runs, accepted only when the final image stays within the profile's PSNR.
+"""int8 graphs for the CPU provider: dynamic (UNet MatMul weights) and static QDQ (Conv + MatMul) calibrated on the
+activations of real pipeline runs, each graph accepted only when the final image stays within the profile's PSNR.
 
-The profile's `[int8]` table is the data (`mode = "off" | "dynamic" | "static"`, op types, element types,
-calibration prompts and steps, the PSNR threshold); `quantize_unet = true` is the older spelling of dynamic.
+The profile's `[int8]` table is the data (`mode = "off" | "dynamic" | "static"`, the graphs static mode quantises:
+the UNet and/or the VAE decoder, op types, element types, calibration prompts and steps, the PSNR threshold);
+`quantize_unet = true` is the older spelling of dynamic.
 References: onnxruntime.quantization quantize_static / quantize_dynamic and CalibrationDataReader; the
 u8 x s8 saturation note (reduce_range) in onnxruntime's quantization docs for x86 without VNNI.
 """
@@ -18,12 +19,14 @@ from .onnx_io import DATA_FILE, load_model, save_model
 
 MODES = ("off", "dynamic", "static")
 ELEMENT_TYPES = ("int8", "uint8")
+STATIC_GRAPHS = ("unet", "vae_decoder")      # graphs static int8 can quantise (calibrated on the pipeline's inputs)
 
 
 @dataclass(frozen=True)
 class Int8Settings:
     """The `[int8]` table with its defaults."""
     mode: str = "off"
+    graphs: tuple = ("unet",)                     # static mode: of STATIC_GRAPHS, each gated on its own
     op_types: tuple = ("Conv", "MatMul")          # Gemm: only the time-embedding projections
     activation_type: str = "uint8"
     weight_type: str = "int8"
@@ -36,7 +39,7 @@ class Int8Settings:
     seed: int = 0
     guidance_scale: float = 7.5
     size: int = 0                     # image side for calibration and gate; 0 = the profile's opt height
-    min_psnr_db: float = 30.0         # final image vs the fp32 graph's, same seed; below it the fp32 UNet stays
+    min_psnr_db: float = 30.0         # final image vs the fp32 graphs', same seed; below it that fp32 graph stays
 
 
 _TYPES = {f.name: type(f.default) for f in fields(Int8Settings)}
@@ -56,6 +59,10 @@ def check_int8(table: dict, where: str) -> None:
     for key in ("activation_type", "weight_type"):
         if table.get(key, "int8") not in ELEMENT_TYPES:
             raise UserError(f"{where}: int8.{key} must be one of {', '.join(ELEMENT_TYPES)}, got {table[key]!r}")
+    unknown = [g for g in table.get("graphs", ["unet"]) if g not in STATIC_GRAPHS]
+    if unknown or not table.get("graphs", ["unet"]):
+        raise UserError(f"{where}: int8.graphs must list some of {', '.join(STATIC_GRAPHS)}, got "
+                        f"{table['graphs']!r}")
 
 
 def int8_settings(profile) -> Int8Settings:
@@ -123,7 +130,7 @@ def _with_types(src: Path) -> Path:
     here = os.getcwd()
     os.chdir(src.parent)       # it reads constant initializers from the external data file relative to the cwd
     try:
-        model = SymbolicShapeInference.infer_shapes(graph, auto_merge=True)
+        model = SymbolicShapeInference.infer_shapes(graph, auto_merge=True, guess_output_rank=True)  # the VAE needs guesses
     finally:
         os.chdir(here)
     typed = src.with_name("model.typed.onnx")
@@ -153,7 +160,7 @@ class FeedReader:
 
 
 class _Recorder:
-    """A stand-in for the UNet graph (Model.overlay) that keeps each call's feeds, one batch row per feed."""
+    """A stand-in for a graph (Model.overlay) that keeps each call's feeds, one batch row per feed."""
 
     def __init__(self, graph, sink: list):
         self.graph, self.sink = graph, sink
@@ -165,7 +172,7 @@ class _Recorder:
         import numpy as np
 
         arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in feeds.items()}
-        n = arrays["sample"].shape[0]                                   # (2B, 4, h, w) with guidance
+        n = next(iter(arrays.values())).shape[0]           # the first input's batch: (2B, 4, h, w) with guidance
         for i in range(n):
             self.sink.append({k: v[i:i + 1] if v.ndim and v.shape[0] == n else v for k, v in arrays.items()})
         return self.graph(**feeds)
@@ -177,9 +184,10 @@ def _image(pipe, prompt: str, s: Int8Settings, size: int, output_type: str = "np
                 seed=s.seed, output_type=output_type).images
 
 
-def static_int8(folder: Path, profile, progress=lambda _: None) -> tuple:
-    """Calibrate, quantise and gate folder/unet; (True, check) when the int8 UNet replaced the fp32 one,
-    (False, check) when its image fell below the threshold and the fp32 UNet was kept."""
+def static_int8(folder: Path, profile, progress=lambda _: None) -> dict:
+    """Calibrate, quantise and gate each of the settings' graphs in folder: {graph: (installed, check)}, installed
+    True when the int8 graph replaced the fp32 one, False when the final image with it (the other graphs fp32)
+    fell below the threshold and the fp32 graph was kept."""
     import numpy as np
 
     from runtime.metrics import max_abs, psnr
@@ -189,52 +197,59 @@ def static_int8(folder: Path, profile, progress=lambda _: None) -> tuple:
 
     from .verify import Check
 
-    s, unet = int8_settings(profile), Path(folder) / "unet" / "model.onnx"
+    s = int8_settings(profile)
     size = s.size or profile.shapes["height"].opt
     model = open_model(Path(folder), provider="cpu", verify=False)
-    pipe, feeds = StableDiffusionPipeline(model), []
-    model.overlay["unet"] = _Recorder(model.graph("unet"), feeds)
+    pipe, feeds = StableDiffusionPipeline(model), {name: [] for name in s.graphs}
+    for name in s.graphs:
+        model.overlay[name] = _Recorder(model.graph(name), feeds[name])
     for prompt in s.calibration_prompts:
-        progress(f"int8: recording UNet inputs ({prompt!r}, {s.steps} steps, {size}x{size})")
-        _image(pipe, prompt, s, size, "latent")
+        progress(f"int8: recording {' and '.join(s.graphs)} inputs ({prompt!r}, {s.steps} steps, {size}x{size})")
+        _image(pipe, prompt, s, size, "np" if "vae_decoder" in s.graphs else "latent")
     model.overlay.clear()
-    reference = _image(pipe, s.gate_prompt, s, size)                    # (1, H, W, 3) with the fp32 UNet
-    model.release(only=("unet",))
-    progress(f"int8: calibrating and quantising {', '.join(s.op_types)} on {len(feeds)} UNet inputs")
-    quantized = unet.with_name("model.int8.onnx")
-    quantize_static_qdq(unet, quantized, feeds, s)
-    del feeds
-    model.overlay["unet"] = Graph(lambda dims: make_session(quantized, model.session_config, None, "cpu", dims),
-                                  "unet", model.session_config)
-    got = _image(pipe, s.gate_prompt, s, size)
-    model.overlay.clear()
+    reference = _image(pipe, s.gate_prompt, s, size)                    # (1, H, W, 3) with every graph fp32
+    results = {}
+    for name in s.graphs:
+        path = Path(folder) / name / "model.onnx"
+        model.release(only=(name,))
+        progress(f"int8: calibrating and quantising {name} ({', '.join(s.op_types)}) on {len(feeds[name])} inputs")
+        quantized = path.with_name("model.int8.onnx")
+        quantize_static_qdq(path, quantized, feeds.pop(name), s)
+        model.overlay[name] = Graph(lambda dims, q=quantized: make_session(q, model.session_config, None, "cpu", dims),
+                                    name, model.session_config)
+        got = _image(pipe, s.gate_prompt, s, size)
+        model.overlay.clear()
+        db = psnr(reference, got, peak=1.0)
+        results[name] = Check(name, f"1x{size}x{size}", max_abs(reference, got), 1.0, bool(np.isfinite(got).all()),
+                              stage="int8 static: final image vs fp32", psnr_db=db, min_psnr_db=s.min_psnr_db)
     model.release()
-    db = psnr(reference, got, peak=1.0)
-    check = Check("unet", f"1x{size}x{size}", max_abs(reference, got), 1.0, bool(np.isfinite(got).all()),
-                  stage="int8 static: final image vs fp32", psnr_db=db, min_psnr_db=s.min_psnr_db)
-    if check.ok:
-        _install(quantized, unet)
-        return True, check
-    for f in unet.parent.glob("model.int8.onnx*"):
-        f.unlink()
-    reason = (f"static int8 refused: final image PSNR {db:.1f} dB < {s.min_psnr_db} dB against the fp32 UNet "
-              "(same seed); the fp32 UNet is kept")
-    progress(reason)
-    return False, replace(check, not_run=reason)
+    for name, check in results.items():        # installed once every gate ran: each gate saw fp32 elsewhere
+        path = Path(folder) / name / "model.onnx"
+        if check.ok:
+            _install(path.with_name("model.int8.onnx"), path)
+            results[name] = (True, check)
+            continue
+        for f in path.parent.glob("model.int8.onnx*"):
+            f.unlink()
+        reason = (f"static int8 refused for {name}: final image PSNR {check.psnr_db:.1f} dB < {s.min_psnr_db} dB "
+                  f"against the fp32 graphs (same seed); the fp32 {name} is kept")
+        progress(reason)
+        results[name] = (False, replace(check, not_run=reason))
+    return results
 
 
 def apply_static_int8(folder: Path, components, profile, graphs: dict, checks: list, progress) -> None:
-    """convert's static-int8 step, once every graph is in `folder`: quantise the UNet, update its manifest entry
-    and weight map, and record the PSNR gate among the checks."""
+    """convert's static-int8 step, once every graph is in `folder`: quantise the settings' graphs, update the
+    manifest entries (and weight map) of those that passed, and record each PSNR gate among the checks."""
     from .onnx_io import custom_ops
     from .weight_map import write_weight_map
 
-    installed, check = static_int8(folder, profile, progress)
-    checks.append(check)
-    if installed:
-        unet = Path(folder) / "unet"
-        data = unet / DATA_FILE
-        graphs["unet"] |= {"precision": "int8", "custom_ops": custom_ops(unet / "model.onnx"),
-                           "data_file": f"unet/{DATA_FILE}" if data.exists() else None}
-        if graphs["unet"].get("weight_map"):                    # int8 weights are listed as unmapped
-            write_weight_map(unet, components.modules["unet"], "unet")
+    for name, (installed, check) in static_int8(folder, profile, progress).items():
+        checks.append(check)
+        if not installed:
+            continue
+        where = Path(folder) / name
+        graphs[name] |= {"precision": "int8", "custom_ops": custom_ops(where / "model.onnx"),
+                         "data_file": f"{name}/{DATA_FILE}" if (where / DATA_FILE).exists() else None}
+        if graphs[name].get("weight_map"):                      # int8 weights are listed as unmapped
+            write_weight_map(where, components.modules[name], name)

@@ -44,7 +44,7 @@ def test_static_int8_quantises_conv_and_matmul_within_the_psnr_gate(tiny_export,
     from sdexport.quantize import static_int8
 
     folder = _folder(tiny_export, tmp_path, "int8")
-    installed, check = static_int8(folder, _profile())
+    installed, check = static_int8(folder, _profile())["unet"]
     assert installed and check.ok and check.psnr_db >= 30.0, check.describe()
     graph = onnx.load(str(folder / "unet" / "model.onnx")).graph
     producers = {o: n for n in graph.node for o in n.output}
@@ -64,11 +64,30 @@ def test_gate_below_threshold_keeps_fp32_unet_and_says_why(tiny_export, tmp_path
     before = (folder / "unet" / "model.onnx").read_bytes()
     messages = []
     installed, check = static_int8(folder, _profile(min_psnr_db=200.0, calibration_prompts=["a red fox"]),
-                                   messages.append)
+                                   messages.append)["unet"]
     assert not installed and not check.ran
-    assert "refused" in check.not_run and "200.0 dB" in check.not_run and "fp32 UNet is kept" in messages[-1]
+    assert "refused" in check.not_run and "200.0 dB" in check.not_run and "fp32 unet is kept" in messages[-1]
     assert (folder / "unet" / "model.onnx").read_bytes() == before
     assert not list((folder / "unet").glob("model.int8*")) and not list((folder / "unet").glob("model.typed*"))
+
+
+def test_static_int8_vae_decoder_is_calibrated_and_gated_on_its_own(tiny_export, tmp_path):
+    import onnx
+
+    from sdexport.quantize import static_int8
+
+    folder = _folder(tiny_export, tmp_path, "vae")
+    messages = []
+    results = static_int8(folder, _profile(graphs=["unet", "vae_decoder"]), messages.append)
+    assert set(results) == {"unet", "vae_decoder"}
+    installed, check = results["vae_decoder"]
+    assert installed and check.ok and check.psnr_db >= 30.0 and check.component == "vae_decoder", check.describe()
+    assert any("vae_decoder" in m and "inputs" in m for m in messages)
+    graph = onnx.load(str(folder / "vae_decoder" / "model.onnx")).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 0
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)
+    assert not list((folder / "vae_decoder").glob("model.int8*")) and not list(folder.glob("*/model.typed*"))
+    assert psnr(_image(tiny_export[0]), _image(folder), peak=1.0) >= 30.0      # both int8, a held-out prompt
 
 
 def test_int8_table_is_validated():
@@ -78,7 +97,9 @@ def test_int8_table_is_validated():
     base = {"name": "x", "description": "", "provider": "CPUExecutionProvider", "opset": 17, "precision": "fp32",
             "shapes": {"batch": [1, 1, 1], "height": [64, 64, 64], "width": [64, 64, 64]}}
     for bad, words in (({"mode": "fast"}, "int8.mode"), ({"min_psnr": 20}, "int8.min_psnr"),
-                       ({"steps": "4"}, "int8.steps must be a int"), ({"weight_type": "int4"}, "int8.weight_type")):
+                       ({"steps": "4"}, "int8.steps must be a int"), ({"weight_type": "int4"}, "int8.weight_type"),
+                       ({"graphs": ["text_encoder"]}, "int8.graphs must list some of unet, vae_decoder"),
+                       ({"graphs": []}, "int8.graphs")):
         with pytest.raises(UserError, match=words):
             profile_from_dict(base | {"int8": bad})
     assert int8_settings(profile_from_dict(base | {"quantize_unet": True})).mode == "dynamic"
