@@ -108,8 +108,7 @@ class OpenVINOSession:
             raise refuse_unreadable(path, info, target, e) from None
         self.weights = "f32"          # what the compiled models hold beside the packed weights: "f32" or "bf16"
         if runs_bf16(self.core, self.device, self.config):
-            self._read_bf16_weights(cache_location(path.parent.parent, options.get("cache_dir", "ov_cache"),
-                                                   "openvino"))
+            self._read_bf16_weights(self.config.get("CACHE_DIR", ""))     # the one cache folder, '' when off
         self.inputs = [_port(n, i) for i, n in enumerate(self.model.inputs)]
         self.outputs = [_port(n, i) for i, n in enumerate(self.model.outputs)]
         self.compiled = OrderedDict()      # input shapes -> (compiled model, infer request), least recent first
