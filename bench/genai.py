@@ -14,6 +14,7 @@ against the runs recorded in `--ours` (same model, size, steps, guidance). Needs
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -94,8 +95,9 @@ def main(argv=None) -> int:
     from .cpuinfo import cpu_info, describe
 
     runs = {}
-    for pipeline, (name, precision) in ((q, r) for q in a.pipelines.split(",") for r in (("default", ""), ("f32", "f32"))):
-        name = f"{pipeline} {name}"
+    precisions = (("default", ""), ("f32", "f32"))
+    for pipeline, (label, precision) in itertools.product(a.pipelines.split(","), precisions):
+        name = f"{pipeline} {label}"
         job = {"pipeline": pipeline, "folder": str(a.folder), "precision": precision, "size": a.size,
                "steps": a.steps, "guidance": a.guidance}
         t = time.perf_counter()

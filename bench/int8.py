@@ -62,19 +62,25 @@ def image(folder: Path, s) -> "object":
 
 def build(src: Path, work: Path, profile, progress) -> dict:
     """{variant: folder}: fp32 as exported, dynamic int8, static int8 (with its PSNR gate's check)."""
-    from sdexport.quantize import quantize_dynamic_int8, static_int8
+    from sdexport.quantize import quantize_dynamic_int8
 
     folders = {"fp32": src}
     dynamic = variant_folder(src, work / "dynamic")
     progress("dynamic int8: quantising MatMul weights")
     quantize_dynamic_int8(dynamic / "unet" / "model.onnx")
     folders["int8 dynamic (MatMul)"] = dynamic
-    static = variant_folder(src, work / "static")
+    folders["int8 static (QDQ Conv+MatMul)"], gate = static_variant(src, work / "static", "unet", profile, progress)
+    return {"folders": folders, "gate": gate}
+
+
+def static_variant(src: Path, dest: Path, component: str, profile, progress) -> tuple:
+    """(folder, gate): a copy of src with `component` statically quantised, and its PSNR gate's record."""
+    from sdexport.quantize import static_int8
+
+    static = variant_folder(src, dest, component)
     t = time.perf_counter()
-    installed, check = static_int8(static, profile, progress)["unet"]
-    folders["int8 static (QDQ Conv+MatMul)"] = static
-    return {"folders": folders, "gate": check.to_dict() | {"installed": installed,
-                                                            "calibrate_s": time.perf_counter() - t}}
+    installed, check = static_int8(static, profile, progress)[component]
+    return static, check.to_dict() | {"installed": installed, "calibrate_s": time.perf_counter() - t}
 
 
 def _finite(db: float):
@@ -97,13 +103,8 @@ def decoder_time(folder: Path, repeats: int) -> dict:
 
 def build_vae(src: Path, work: Path, profile, progress) -> dict:
     """{variant: folder}: the fp32 decoder as exported and the static int8 one (with its gate's check)."""
-    from sdexport.quantize import static_int8
-
-    static = variant_folder(src, work / "static-vae", "vae_decoder")
-    t = time.perf_counter()
-    installed, check = static_int8(static, profile, progress)["vae_decoder"]
-    return {"folders": {"fp32": src, "int8 static (QDQ Conv+MatMul)": static},
-            "gate": check.to_dict() | {"installed": installed, "calibrate_s": time.perf_counter() - t}}
+    static, gate = static_variant(src, work / "static-vae", "vae_decoder", profile, progress)
+    return {"folders": {"fp32": src, "int8 static (QDQ Conv+MatMul)": static}, "gate": gate}
 
 
 def run(args) -> dict:

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelFolderError, UserError
-from . import graph_cache
-from .graph_cache import cache_location
+from .graph_cache import Entry, cache_location
 from .openvino_weights import lowered, runs_bf16
 from .session import OPENVINO as PROVIDER
 READS = (PROVIDER, "CPUExecutionProvider")   # graphs whose contrib ops OpenVINO's ONNX frontend converts
@@ -120,16 +119,16 @@ class OpenVINOSession:
         """Compile from the graph's bf16-weight IR (runtime.openvino_weights; half the resident weights, the same
         output) instead of the ONNX graph. Compiles from it skip CACHE_DIR: a warm cache saves ~0.4 s of the UNet's
         compile and raises its peak by 1.5 GB (hashing the model reads every weight)."""
-        self.model = None             # the ONNX graph was read for its ports; the IR is read instead
         source = lowered(self.core, self.path, where)
+        if source is None:
+            return
         try:
-            if source is not None:
-                self.model, self.source, self.weights = self.core.read_model(str(source)), source, "bf16"
-                self.config.pop("CACHE_DIR", None)
-                return
-        except RuntimeError:          # a damaged entry: dropped (rebuilt by the next session), the ONNX graph read
-            graph_cache.Entry(source.parent, source.name).drop()
-        self.model = self.core.read_model(str(self.path))
+            model = self.core.read_model(str(source))
+        except RuntimeError:          # a damaged entry: dropped (rebuilt by the next session), the ONNX graph kept
+            Entry(source.parent, source.name).drop()
+            return
+        self.model, self.source, self.weights = model, source, "bf16"
+        self.config.pop("CACHE_DIR", None)
 
     def get_inputs(self) -> list:
         """Declared inputs (onnxruntime's NodeArg fields: name, shape, type)."""

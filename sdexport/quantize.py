@@ -59,10 +59,9 @@ def check_int8(table: dict, where: str) -> None:
     for key in ("activation_type", "weight_type"):
         if table.get(key, "int8") not in ELEMENT_TYPES:
             raise UserError(f"{where}: int8.{key} must be one of {', '.join(ELEMENT_TYPES)}, got {table[key]!r}")
-    unknown = [g for g in table.get("graphs", ["unet"]) if g not in STATIC_GRAPHS]
-    if unknown or not table.get("graphs", ["unet"]):
-        raise UserError(f"{where}: int8.graphs must list some of {', '.join(STATIC_GRAPHS)}, got "
-                        f"{table['graphs']!r}")
+    graphs = table.get("graphs", ["unet"])
+    if not graphs or any(g not in STATIC_GRAPHS for g in graphs):
+        raise UserError(f"{where}: int8.graphs must list some of {', '.join(STATIC_GRAPHS)}, got {graphs!r}")
 
 
 def int8_settings(profile) -> Int8Settings:
@@ -208,7 +207,7 @@ def static_int8(folder: Path, profile, progress=lambda _: None) -> dict:
         _image(pipe, prompt, s, size, "np" if "vae_decoder" in s.graphs else "latent")
     model.overlay.clear()
     reference = _image(pipe, s.gate_prompt, s, size)                    # (1, H, W, 3) with every graph fp32
-    results = {}
+    checks = {}
     for name in s.graphs:
         path = Path(folder) / name / "model.onnx"
         model.release(only=(name,))
@@ -220,10 +219,11 @@ def static_int8(folder: Path, profile, progress=lambda _: None) -> dict:
         got = _image(pipe, s.gate_prompt, s, size)
         model.overlay.clear()
         db = psnr(reference, got, peak=1.0)
-        results[name] = Check(name, f"1x{size}x{size}", max_abs(reference, got), 1.0, bool(np.isfinite(got).all()),
-                              stage="int8 static: final image vs fp32", psnr_db=db, min_psnr_db=s.min_psnr_db)
+        checks[name] = Check(name, f"1x{size}x{size}", max_abs(reference, got), 1.0, bool(np.isfinite(got).all()),
+                             stage="int8 static: final image vs fp32", psnr_db=db, min_psnr_db=s.min_psnr_db)
     model.release()
-    for name, check in results.items():        # installed once every gate ran: each gate saw fp32 elsewhere
+    results = {}
+    for name, check in checks.items():         # installed once every gate ran: each gate saw fp32 elsewhere
         path = Path(folder) / name / "model.onnx"
         if check.ok:
             _install(path.with_name("model.int8.onnx"), path)
